@@ -1,0 +1,177 @@
+"""Command-line interface: parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+log = logging.getLogger("transferlab")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    # Defaults are None here so that options given with --config can be told apart; TrainConfig owns
+    # the real defaults (listed in the README).
+    S = argparse.SUPPRESS
+    add = p.add_argument
+    add("--test-dir", default=S, help="folder of class subfolders used as the test split")
+    add("--labels", default=S, metavar="FILE.csv", help="CSV with columns path,label instead of class folders")
+    add("--backbone", default=S, help="efficientnet_lite0 (default), efficientnet_lite1/2, a torchvision name "
+        "(vgg16, resnet50, ...) or timm/NAME")
+    add("--weights", default=S, help="'default' (the backbone's pretrained weights), 'none' (random init) "
+        "or a .pth/.safetensors file")
+    add("--strategy", default=S, choices=["freeze", "unfreeze", "partial"], help="default: unfreeze")
+    add("--unfreeze-last", type=int, default=S, metavar="N", help="blocks trained by --strategy partial (2)")
+    add("--bn", default=S, choices=["frozen", "train"], help="BatchNorm of the backbone (default: frozen)")
+    add("--head", default=S, help="hidden layer sizes: 256 (default), 512x128, 0 = linear")
+    add("--dropout", type=float, default=S, help="dropout before each head layer (0.2)")
+    add("--pool", default=S, choices=["avg", "flatten"], help="global average pooling (default) or flatten")
+    add("--image-size", type=int, default=S, help="input resolution (default: the backbone's own)")
+    add("--optimizer", default=S, choices=["adamw", "adam", "sgd"], help="default: adamw")
+    add("--lr", type=float, default=S, help="head learning rate (default: adamw/adam 1e-3, sgd 1e-2)")
+    add("--backbone-lr-mult", type=float, default=S, help="backbone lr = lr x this (0.1)")
+    add("--weight-decay", type=float, default=S, help="default: adamw 0.01, adam 0, sgd 1e-4")
+    add("--epochs", type=int, default=S, help="default: freeze 30, unfreeze/partial 8")
+    add("--head-epochs", type=int, default=S, help="head-only epochs on cached features before fine-tuning (5)")
+    add("--warmup-epochs", type=float, default=S, help="linear lr warm-up before the cosine decay (1)")
+    add("--batch-size", type=int, default=S, help="default: 32")
+    add("--label-smoothing", type=float, default=S, help="default: 0.1")
+    add("--class-weights", default=S, choices=["none", "balanced"], help="loss weights per class (none)")
+    add("--no-augment", dest="augment", action="store_false", default=S,
+        help="no random resized crop + flip while fine-tuning")
+    add("--test-size", type=float, default=S, help="test fraction when DATA_DIR has no test folder (0.2)")
+    add("--val-size", type=float, default=S,
+        help="validation fraction carved from train for model selection (0: fixed schedule, keep last epoch)")
+    add("--patience", type=int, default=S, help="early stopping after N epochs without validation gain")
+    add("--seed", type=int, default=S, help="default: 0")
+    add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
+    add("--precision", default=S, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
+    add("--device", default=S, choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transferlab", description="Image classification by transfer learning.")
+    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on an image folder")
+    p.add_argument("data_dir", nargs="?", help="class-per-subfolder image tree")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--config", help="config.json of an earlier run to re-create (options given here override)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_train_options(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on another image folder")
+    p.add_argument("run_dir")
+    p.add_argument("data_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/evaluations/<name>)")
+    p.add_argument("--class-map", help="JSON object (inline or file): dataset class -> model class")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+
+    p = sub.add_parser("predict", help="predict classes of images; one JSON line per image")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+
+    sub.add_parser("backbones", help="list the registered backbones")
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    from .progress import set_quiet
+
+    set_quiet(quiet)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _summary(metrics: dict) -> str:
+    low, high = metrics["accuracy_ci95"]
+    parts = [f"accuracy {metrics['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f})",
+             f"precision {metrics['precision']:.4f}", f"recall {metrics['recall']:.4f}", f"f1 {metrics['f1']:.4f}"]
+    if metrics.get("roc_auc") is not None:
+        parts.append(f"roc_auc {metrics['roc_auc']:.4f}")
+    return ", ".join(parts) + f" on {metrics['n_test']} test images"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+    from .config import TrainConfig
+    from .errors import TransferlabError
+    from .fileio import read_json
+
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k != "data_dir"}
+    config = None
+    if args.config:
+        saved = read_json(args.config)
+        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+            raise TransferlabError(f"--config {args.config}: not a transferlab run config.json")
+        config = TrainConfig.from_dict(saved["train"])
+    elif not args.data_dir:
+        raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
+    run = train(args.data_dir, out=args.out, config=config, **options)
+    print(_summary(run.metrics))
+    print(f"run directory: {run.directory}  (model.safetensors, config.json, metrics.json, history.csv, "
+          "confusion_matrix.png, class_distribution.png, training_curves.png, data_report.json)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+
+    metrics = evaluate(args.run_dir, args.data_dir, out=args.out, class_map=args.class_map, strict=args.strict)
+    print(_summary(metrics))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import Run
+
+    run = Run.load(args.run_dir)
+    failed = 0
+    for row in run.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size):
+        failed += "error" in row
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import _REGISTRY
+
+    for name, entry in sorted(_REGISTRY.items()):
+        print(f"{name:22s} {entry.description}")
+    print("plus torchvision classification models by name (vgg16, resnet50, mobilenet_v2, ...) and timm/NAME")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "quiet", False))
+    from .errors import TransferlabError
+
+    try:
+        return COMMANDS[args.command](args)
+    except TransferlabError as exc:
+        print(f"transferlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Image folders: discovery of classes and splits, robust decoding, stratified seeded splits.
+
+The one owner of class order (sorted folder names, or sorted CSV labels) and of what counts as an image.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TransferlabError
+from .preprocessing import PreprocessConfig
+
+log = logging.getLogger("transferlab")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+TEST_FOLDER_NAMES = ("test", "val", "validation", "valid")
+# Classification never needs more: a bigger image is a decompression bomb or a mistake.
+MAX_IMAGE_PIXELS = 64_000_000
+# A long side beyond this many multiples of the short side is cropped away at decode time
+# (keeps panoramas and 1 x N strips from exhausting memory; the centre crop never sees it).
+MAX_ASPECT = 3
+MIN_TRAIN_PER_CLASS = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+
+
+@dataclass
+class Splits:
+    """Samples per split. ``val``/``test`` are None when they must be carved from ``train``."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample] | None = None
+    test: list[Sample] | None = None
+    layout: str = ""
+    ignored: list[str] = field(default_factory=list)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise TransferlabError(f"{what} {path}: folder not found")
+    if not path.is_dir():
+        raise TransferlabError(f"{what} {path}: not a folder")
+
+
+def _visible_subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _walk_images(folder: Path, ignored: list[str]) -> list[Path]:
+    found = []
+    # followlinks=False: a symlinked folder (possibly a loop) is not descended into.
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if is_image_file(path):
+                found.append(path)
+            elif not name.startswith("."):
+                ignored.append(str(path))
+    return found
+
+
+def read_class_folders(folder: Path, what: str = "DATA_DIR", ignored: list[str] | None = None) -> list[Sample]:
+    """``folder/<class>/**/<image>`` -> samples. Errors: missing folder, no class, class without images."""
+    ignored = [] if ignored is None else ignored
+    _require_dir(folder, what)
+    class_dirs = _visible_subdirs(folder)
+    if not class_dirs:
+        raise TransferlabError(f"{what} {folder}: no class folders inside (expected {folder}/<class>/<image>)")
+    samples = []
+    for class_dir in class_dirs:
+        images = _walk_images(class_dir, ignored)
+        if not images:
+            raise TransferlabError(f"{what} {folder}: class '{class_dir.name}' has no images in {class_dir}")
+        samples += [Sample(p, class_dir.name) for p in images]
+    return samples
+
+
+def read_labels_csv(csv_path: Path, root: Path) -> list[Sample]:
+    """A CSV with columns ``path,label``; relative paths are relative to ``root``."""
+    if not csv_path.is_file():
+        raise TransferlabError(f"--labels {csv_path}: file not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise TransferlabError(f"--labels {csv_path}: needs a header with columns 'path' and 'label'")
+        samples = []
+        for line_no, row in enumerate(reader, start=2):
+            path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+            if not path or not label:
+                raise TransferlabError(f"--labels {csv_path}: line {line_no} has an empty path or label")
+            p = Path(path)
+            samples.append(Sample(p if p.is_absolute() else root / p, label))
+    if not samples:
+        raise TransferlabError(f"--labels {csv_path}: no rows")
+    return samples
+
+
+def discover(data_dir: str | os.PathLike, test_dir: str | os.PathLike | None = None,
+             labels_csv: str | os.PathLike | None = None) -> Splits:
+    """Find the classes and the splits a data folder ships with.
+
+    Layouts: ``<class>/*``; ``train/<class>/*`` with ``test/`` (or ``val``/``validation`` standing for
+    test when there is no ``test``); ``train``, ``val`` and ``test`` (val selects the model, test scores
+    it); ``--test-dir`` names the test folder; ``--labels`` a CSV instead of folders.
+    """
+    data_dir = Path(data_dir)
+    _require_dir(data_dir, "DATA_DIR")
+    ignored: list[str] = []
+    val = test = None
+    if labels_csv is not None:
+        train = read_labels_csv(Path(labels_csv), data_dir)
+        layout = f"labels CSV {labels_csv}"
+    else:
+        names = {p.name.lower(): p for p in _visible_subdirs(data_dir)}
+        if "train" in names:
+            train = read_class_folders(names["train"], "DATA_DIR/train", ignored)
+            present = [n for n in TEST_FOLDER_NAMES if n in names]
+            if "test" in names:
+                test = read_class_folders(names["test"], "DATA_DIR/test", ignored)
+                val_name = next((n for n in present if n != "test"), None)
+                if val_name:
+                    val = read_class_folders(names[val_name], f"DATA_DIR/{val_name}", ignored)
+            elif present:
+                test = read_class_folders(names[present[0]], f"DATA_DIR/{present[0]}", ignored)
+            layout = "train/" + "".join(f", {s}/" for s, v in (("val", val), ("test", test)) if v)
+        else:
+            train = read_class_folders(data_dir, "DATA_DIR", ignored)
+            layout = "class folders"
+    if test_dir is not None:
+        test = read_class_folders(Path(test_dir), "--test-dir", ignored)
+        layout += f", --test-dir {test_dir}"
+    classes = sorted({s.label for s in train})
+    if len(classes) < 2:
+        raise TransferlabError(f"DATA_DIR {data_dir}: found {len(classes)} class ({', '.join(classes)}); "
+                               "classification needs at least two class folders")
+    for name, split in (("val", val), ("test", test)):
+        unknown = sorted({s.label for s in split or []} - set(classes))
+        if unknown:
+            raise TransferlabError(f"DATA_DIR {data_dir}: class '{unknown[0]}' is in the {name} split "
+                                   "but has no training images")
+    return Splits(classes, train, val, test, layout, ignored)
+
+
+def split_per_class(samples: list[Sample], fraction: float, seed: int, split_name: str,
+                    min_train: int = MIN_TRAIN_PER_CLASS) -> tuple[list[Sample], list[Sample]]:
+    """Stratified, seeded split: every class gives round(fraction * n) samples, at least one.
+
+    A class needs ``min_train + 1`` images; with fewer, the error names it.
+    """
+    by_class: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    keep, held = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: str(s.path))
+        n_held = max(1, round(fraction * len(items)))
+        if len(items) - n_held < min_train:
+            raise TransferlabError(
+                f"class '{label}' has {len(items)} usable image(s): carving a {split_name} split needs at "
+                f"least {min_train + 1} per class (add images, or provide a {split_name} folder)")
+        random.Random(f"{seed}-{split_name}-{label}").shuffle(items)
+        held += items[:n_held]
+        keep += items[n_held:]
+    return keep, held
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+class ImageDecodeError(Exception):
+    """The file is not a usable image; the message is the reason recorded in data_report.json."""
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if (im.mode.startswith("I;16") or arr.max() > 255) else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike, min_side: int | None = None):
+    """Open an image file as an upright RGB PIL image, or raise :class:`ImageDecodeError`.
+
+    EXIF orientation is applied; palette, grey, CMYK, alpha and 16-bit modes become 8-bit RGB
+    (transparency composited on white); truncated files are errors, never grey-filled.
+    ``min_side`` lets big JPEGs decode at a reduced scale (draft mode) that is still large enough.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(f"image too large ({im.width}x{im.height} pixels, "
+                                       f"limit {MAX_IMAGE_PIXELS:,})")
+            if min_side and im.format == "JPEG":
+                im.draft("RGB", (min_side, min_side))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image Pillow can identify") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+            ZeroDivisionError, MemoryError, RuntimeError) as exc:
+        # Pillow's decoders raise a range of types for corrupt data; all mean "unusable file".
+        text = str(exc) or type(exc).__name__
+        if "truncated" in text:
+            text = "truncated image file"
+        raise ImageDecodeError(f"cannot decode: {text}") from None
+
+
+def decode_for_model(path: str | os.PathLike, cfg: PreprocessConfig) -> torch.Tensor:
+    """Decode to a CHW uint8 tensor whose short side is ``cfg.resize_size`` (aspect kept, capped)."""
+    from PIL import Image
+
+    im = load_rgb(path, min_side=cfg.resize_size)
+    w, h = im.size
+    scale = cfg.resize_size / min(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    limit = cfg.resize_size * MAX_ASPECT
+    if max(new_w, new_h) > limit:  # crop the long side around the centre before resizing
+        if w > h:
+            keep = max(1, round(limit / scale))
+            im = im.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+            new_w = limit
+        else:
+            keep = max(1, round(limit / scale))
+            im = im.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+            new_h = limit
+    resample = getattr(Image.Resampling, cfg.interpolation.upper())
+    im = im.resize((new_w, new_h), resample=resample)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class DecodedImages:
+    """Samples that decoded, their uint8 tensors, and the files skipped with their reason."""
+
+    samples: list[Sample]
+    images: list[torch.Tensor]
+    skipped: list[dict]
+
+
+def decode_samples(samples: list[Sample], cfg: PreprocessConfig, strict: bool = False,
+                   workers: int | None = None, desc: str = "decoding", progress: bool = True) -> DecodedImages:
+    """Decode every sample once, in parallel threads (Pillow releases the GIL while decoding)."""
+    from .progress import progress_bar
+
+    workers = workers or max(1, os.cpu_count() or 1)
+
+    def work(sample: Sample):
+        try:
+            return decode_for_model(sample.path, cfg), None
+        except ImageDecodeError as exc:
+            return None, str(exc)
+
+    ok_samples, images, skipped = [], [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(work, samples)
+        for sample, (tensor, reason) in progress_bar(zip(samples, results, strict=False), total=len(samples), desc=desc,
+                                                     enabled=progress):
+            if tensor is None:
+                if strict:
+                    raise TransferlabError(f"{sample.path}: {reason} (--strict)")
+                skipped.append({"path": str(sample.path), "label": sample.label, "reason": reason})
+            else:
+                ok_samples.append(sample)
+                images.append(tensor)
+    if skipped:
+        log.warning("skipped %d unreadable file(s) (listed with reasons in data_report.json), first: %s: %s",
+                    len(skipped), skipped[0]["path"], skipped[0]["reason"])
+    return DecodedImages(ok_samples, images, skipped)
+
+
+def class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
+    counts = Counter(s.label for s in samples)
+    return {c: counts.get(c, 0) for c in classes}

@@ -1,0 +1,35 @@
+"""The classifier: a backbone (features + pooling) followed by transferlab's head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .heads import make_head, parse_head_spec
+
+
+def feature_dim(backbone: Backbone, pool: str) -> int:
+    """Size of the pooled feature vector, found by one forward pass of a blank image."""
+    was_training = backbone.training
+    backbone.eval()
+    size = backbone.preprocess.input_size
+    with torch.no_grad():
+        dim = backbone(torch.zeros(1, 3, size, size), pool=pool).shape[1]
+    backbone.train(was_training)
+    return int(dim)
+
+
+class TransferModel(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int, head: str = "256", dropout: float = 0.2,
+                 pool: str = "avg"):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        self.head = make_head(feature_dim(backbone, pool), parse_head_spec(head), num_classes, dropout)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x, pool=self.pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

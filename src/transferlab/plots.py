@@ -1,0 +1,96 @@
+"""Figures (matplotlib, Agg backend), each written atomically as a PNG."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .fileio import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, target: str | os.PathLike) -> None:
+    plt = _pyplot()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_matrix_png(matrix: list[list[int]], classes: list[str], target: str | os.PathLike,
+                         title: str = "Confusion matrix (test)") -> None:
+    """Counts (left) and row-normalised recall (right); rows are true classes, columns predictions."""
+    plt = _pyplot()
+    cm = np.asarray(matrix, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(classes)
+    side = min(3 + 0.45 * k, 14)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    for ax, data, fmt, sub in ((axes[0], cm, "{:.0f}", "counts"), (axes[1], norm, "{:.2f}", "row-normalised")):
+        ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
+        ax.set_xticks(range(k), classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticks(range(k), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {sub}")
+        if k <= 30:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if data[i, j] > 0.6 * data.max() else "black")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.PathLike) -> None:
+    """Grouped bar graph: images per class, one bar per split. ``counts``: split -> class -> count."""
+    plt = _pyplot()
+    splits = [s for s in counts if counts[s]]
+    classes = list(next(iter(counts.values())).keys())
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.5 * k, 20), 4.5))
+    width = 0.8 / max(1, len(splits))
+    x = np.arange(k)
+    for i, split in enumerate(splits):
+        values = [counts[split].get(c, 0) for c in classes]
+        bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, values, width, label=split)
+        if k <= 20:
+            ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, classes, rotation=45 if k > 6 else 0, ha="right" if k > 6 else "center")
+    ax.set_ylabel("images")
+    ax.set_title("Class distribution")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch, train and validation (when there is a validation split)."""
+    plt = _pyplot()
+    epochs = list(range(1, len(history) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in ((axes[0], "loss"), (axes[1], "acc")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label="train")
+        val = [row.get(f"val_{key}") for row in history]
+        if any(v is not None and v == v for v in val):
+            ax.plot(epochs, [np.nan if v is None else v for v in val], marker="o", label="validation")
+        stages = [row.get("stage") for row in history]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(i + 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss" if key == "loss" else "accuracy")
+        ax.set_title("loss" if key == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, target)

@@ -1,0 +1,98 @@
+"""Preprocessing: the one owner of how pixels become model input.
+
+A :class:`PreprocessConfig` travels with the weights (the backbone registry creates it, config.json
+stores it) so that training, evaluation and prediction always resize, crop and normalise the way the
+pretrained weights expect.
+
+Images are decoded once (see :mod:`transferlab.data`) to uint8 tensors whose short side is
+``resize_size``; the transforms here take it from there: centre crop for evaluation, random resized
+crop + flip for training, then scaling and normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    input_size: int  # side of the square crop the network sees
+    resize_size: int  # short side after resizing, before the crop
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @property
+    def crop_pct(self) -> float:
+        return self.input_size / self.resize_size
+
+    @classmethod
+    def from_crop_pct(cls, input_size: int, crop_pct: float, interpolation: str, mean, std) -> PreprocessConfig:
+        # timm's rule (timm.data.transforms_factory): scale_size = floor(img_size / crop_pct)
+        return cls(input_size, math.floor(input_size / crop_pct), interpolation, tuple(mean), tuple(std))
+
+    def with_input_size(self, input_size: int) -> PreprocessConfig:
+        """The same crop fraction at another resolution (``--image-size``)."""
+        return PreprocessConfig.from_crop_pct(input_size, self.crop_pct, self.interpolation, self.mean, self.std)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"crop_pct": round(self.crop_pct, 4)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        return cls(int(d["input_size"]), int(d["resize_size"]), d["interpolation"], d["mean"], d["std"])
+
+
+def _normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean).view(-1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.std).view(-1, 3, 1, 1) * 255.0
+    return (batch_uint8.float() - mean) / std
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre crop of a CHW tensor; images smaller than ``size`` were already resized up at decode."""
+    _, h, w = image.shape
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[:, top : top + size, left : left + size]
+
+
+def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig) -> torch.Tensor:
+    """Decoded uint8 images (short side = resize_size) -> normalised float batch."""
+    return _normalize(torch.stack([center_crop(im, cfg.input_size) for im in images]), cfg)
+
+
+class TrainAugment:
+    """Random resized crop + horizontal flip on a decoded uint8 tensor, then normalisation.
+
+    Uses the global torch RNG, which the training loop seeds per epoch from (seed, epoch).
+    """
+
+    def __init__(self, cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0)):
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.cfg = cfg
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    cfg.input_size,
+                    scale=scale,
+                    interpolation=InterpolationMode(cfg.interpolation),
+                    antialias=True,
+                ),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return _normalize(torch.stack([self.transform(im) for im in images]), self.cfg)

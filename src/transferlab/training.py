@@ -1,0 +1,247 @@
+"""The training loop: one loop for heads on cached features and for fine-tuning on images.
+
+A small fastai-like design: the loop fires named events (``before_fit``, ``after_epoch``,
+``after_fit``) to callbacks sorted by ``order``; a callback raises :class:`StopTraining` to end
+training early. Randomness per epoch (shuffling, augmentation) is derived from (seed, epoch), so an
+epoch's batches do not depend on what ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import TransferlabError
+from .precision import Policy
+from .preprocessing import PreprocessConfig, TrainAugment, eval_batch
+from .progress import bars_enabled, progress_bar
+
+log = logging.getLogger("transferlab")
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training after the current epoch."""
+
+
+class Callback:
+    order = 0
+
+    def before_fit(self, loop: TrainLoop) -> None: ...
+
+    def after_epoch(self, loop: TrainLoop, row: dict) -> None: ...
+
+    def after_fit(self, loop: TrainLoop) -> None: ...
+
+
+class KeepBestOnValidation(Callback):
+    """Remembers the weights of the epoch with the best validation accuracy (lower loss breaks ties)
+    and puts them back at the end. Without validation data the last epoch is kept."""
+
+    order = 10
+
+    def __init__(self) -> None:
+        self.best_key: tuple[float, float] | None = None
+        self.best_state: dict | None = None
+        self.best_epoch: int | None = None
+
+    def after_epoch(self, loop: TrainLoop, row: dict) -> None:
+        if row.get("val_acc") is None:
+            return
+        key = (row["val_acc"], -row["val_loss"])
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_epoch = key, row["epoch"]
+            self.best_state = copy.deepcopy(loop.module.state_dict())
+
+    def after_fit(self, loop: TrainLoop) -> None:
+        if self.best_state is not None:
+            loop.module.load_state_dict(self.best_state)
+            log.info("%s: kept epoch %d (best validation accuracy %.4f)", loop.stage, self.best_epoch,
+                     self.best_key[0])
+
+
+class EarlyStopping(Callback):
+    order = 20
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: tuple[float, float] | None = None
+        self.waited = 0
+
+    def after_epoch(self, loop: TrainLoop, row: dict) -> None:
+        if row.get("val_acc") is None:
+            return
+        key = (row["val_acc"], -row["val_loss"])
+        if self.best is None or key > self.best:
+            self.best, self.waited = key, 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            log.info("%s: early stop after epoch %d (no validation improvement for %d epochs)",
+                     loop.stage, row["epoch"], self.patience)
+            raise StopTraining
+
+
+class EpochLogger(Callback):
+    """One log line per epoch (the progress bar shows the rest on a terminal)."""
+
+    order = 30
+
+    def after_epoch(self, loop: TrainLoop, row: dict) -> None:
+        val = "" if row.get("val_acc") is None else f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}"
+        log.info("%s epoch %d/%d: loss %.4f acc %.4f%s lr %.2e (%.1fs)", loop.stage, row["epoch"],
+                 loop.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["seconds"])
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def epoch_generator(seed: int, epoch: int, stage: str) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, stage), never on what ran before."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{epoch}/{stage}".encode()))
+
+
+@dataclass
+class Batches:
+    """How one epoch of training batches is produced: ``make(epoch)`` -> iterator of (x, y)."""
+
+    make: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    count: int
+
+
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:  # a batch of one breaks BatchNorm in train mode
+        chunks = chunks[:-1]
+    return chunks
+
+
+def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                    stage: str) -> Batches:
+    def make(epoch: int):
+        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage)):
+            yield features[idx], labels[idx]
+    count = len(_batch_indices(len(labels), batch_size, torch.Generator().manual_seed(0)))
+    return Batches(make, count)
+
+
+def image_batches(images: list[torch.Tensor], labels: torch.Tensor, batch_size: int, seed: int, stage: str,
+                  preprocess: PreprocessConfig, augment: bool) -> Batches:
+    transform = TrainAugment(preprocess) if augment else (lambda ims: eval_batch(ims, preprocess))
+
+    def make(epoch: int):
+        generator = epoch_generator(seed, epoch, stage)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # augmentation RNG
+        for idx in _batch_indices(len(labels), batch_size, generator):
+            yield transform([images[i] for i in idx.tolist()]), labels[idx]
+    count = len(_batch_indices(len(labels), batch_size, torch.Generator().manual_seed(0)))
+    return Batches(make, count)
+
+
+class TrainLoop:
+    """Trains ``module`` for ``epochs`` epochs; ``set_train_mode`` decides which parts are in train mode."""
+
+    def __init__(self, module: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 epochs: int, policy: Policy, stage: str, warmup_epochs: float = 1.0,
+                 validate: Callable[[], tuple[float, float]] | None = None,
+                 set_train_mode: Callable[[], None] | None = None, callbacks: Iterable[Callback] = ()):
+        self.module, self.batches, self.loss_fn, self.optimizer = module, batches, loss_fn, optimizer
+        self.epochs, self.policy, self.stage, self.validate = epochs, policy, stage, validate
+        self.set_train_mode = set_train_mode or module.train
+        total = max(1, epochs * batches.count)
+        warmup = min(total // 2, round(warmup_epochs * batches.count))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup))
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        self.history: list[dict] = []
+
+    def _event(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            try:
+                getattr(cb, name)(self, *args)
+            except (StopTraining, TransferlabError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"callback {type(cb).__name__} failed in {name}: {exc}") from exc
+
+    def fit(self) -> list[dict]:
+        self._event("before_fit")
+        try:
+            for epoch in range(1, self.epochs + 1):
+                row = self._one_epoch(epoch)
+                self.history.append(row)
+                self._event("after_epoch", row)
+        except StopTraining:
+            pass
+        self._event("after_fit")
+        return self.history
+
+    def _one_epoch(self, epoch: int) -> dict:
+        start = time.perf_counter()
+        self.set_train_mode()
+        lr = self.optimizer.param_groups[0]["lr"]
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = progress_bar(self.batches.make(epoch), total=self.batches.count,
+                           desc=f"{self.stage} {epoch}/{self.epochs}")
+        for x, y in bar:
+            x = self.policy.prepare_input(x)
+            y = y.to(self.policy.device)
+            with self.policy.autocast():
+                logits = self.module(x)
+            loss = self.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TransferlabError(f"{self.stage} epoch {epoch}: the loss became {loss.item()} "
+                                       "(diverged); lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if bars_enabled() and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        row = {"stage": self.stage, "epoch": epoch, "train_loss": total_loss / max(1, seen),
+               "train_acc": correct / max(1, seen), "val_loss": None, "val_acc": None, "lr": lr}
+        if self.validate is not None:
+            row["val_loss"], row["val_acc"] = self.validate()
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+
+@torch.no_grad()
+def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor],
+                       preprocess: PreprocessConfig, policy: Policy, batch_size: int = 64,
+                       desc: str = "") -> torch.Tensor:
+    """Apply ``fn`` (a module in eval mode) to decoded images, batch by batch; returns float32 on CPU."""
+    outputs = []
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, total=len(starts), desc=desc, enabled=bool(desc)):
+        x = policy.prepare_input(eval_batch(images[start:start + batch_size], preprocess))
+        with policy.autocast():
+            outputs.append(fn(x).float().cpu())
+    if not outputs:
+        return torch.empty(0)
+    return torch.cat(outputs)
