@@ -321,7 +321,8 @@ def _tv_pretrained_state(name: str, weights_enum) -> dict[str, torch.Tensor]:
     filename = url.rsplit("/", 1)[-1]
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     cached = folder / filename
-    hint = (f"--backbone {name}: pretrained weights not available offline; put {filename} (from {url}) "
+    hint = (f"--backbone {name}: pretrained weights are not cached here and could not be downloaded; put {filename} "
+            f"(from {url}) "
             f"into {folder} (TORCH_HOME sets the folder), or pass --weights FILE, or --weights none")
     if cached.is_file():
         return read_weight_file(cached)

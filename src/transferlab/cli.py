@@ -55,7 +55,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description="Image classification by transfer learning.")
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier on an image folder")
@@ -91,7 +91,7 @@ def _configure_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.setLevel(logging.INFO)
     log.propagate = False
 
 

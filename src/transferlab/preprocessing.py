@@ -44,7 +44,10 @@ class PreprocessConfig:
 
     def with_input_size(self, input_size: int) -> PreprocessConfig:
         """The same crop fraction at another resolution (``--image-size``)."""
-        return PreprocessConfig.from_crop_pct(input_size, self.crop_pct, self.interpolation, self.mean, self.std)
+        # floor(input_size / crop_pct) in exact integer arithmetic: the float ratio can land just below a
+        # whole number (192/225 -> 224.99...), so the same size would not give back the same config.
+        resize_size = input_size * self.resize_size // self.input_size
+        return PreprocessConfig(input_size, resize_size, self.interpolation, self.mean, self.std)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"crop_pct": round(self.crop_pct, 4)}
