@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TRANSFERLAB_OFFLINE", "1")  # tests never download
+# A fresh feature cache per test session: tests never read a developer's cache, nor leave one behind.
+os.environ["TRANSFERLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="transferlab-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"

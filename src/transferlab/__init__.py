@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 __all__ = ["TrainConfig", "Run", "TransferlabError", "train", "evaluate", "load_run", "list_backbones",
-           "__version__"]
+           "run_experiment", "render_report", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,14 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "run_experiment":
+        from .experiment import run_experiment
+
+        return run_experiment
+    if name == "render_report":
+        from .report import render_report
+
+        return render_report
     if name == "TrainConfig":
         from .config import TrainConfig
 

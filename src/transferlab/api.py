@@ -19,11 +19,11 @@ from torch import nn
 
 from . import __version__
 from .config import TrainConfig
-from .data import DecodedImages, Sample, class_counts, decode_samples, discover, read_class_folders, split_per_class
+from .data import Sample, class_counts, decode_samples, discover, read_class_folders, split_per_class
 from .errors import TransferlabError
 from .fileio import atomic_path, check_writable_dir, read_json, sha256_file, write_json, write_text
 from .precision import Policy, resolve_policy
-from .run import CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, Run
+from .run import BACKBONE_FILE, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, TEST_PREDICTIONS_FILE, Run
 
 log = logging.getLogger("transferlab")
 
@@ -44,20 +44,21 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class _Split:
-    """One split's decoded images and label indices."""
+    """One split: samples, label indices, and decoded images and/or pooled features."""
 
     samples: list[Sample]
-    images: list[torch.Tensor]
     labels: torch.Tensor
+    images: list[torch.Tensor] | None = None
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
-def _make_split(samples: list[Sample], by_sample: dict[Sample, torch.Tensor], class_index: dict[str, int]) -> _Split:
-    samples = [s for s in samples if s in by_sample]
-    return _Split(samples, [by_sample[s] for s in samples],
-                  torch.tensor([class_index[s.label] for s in samples], dtype=torch.long))
+def _make_split(samples: list[Sample], class_index: dict[str, int],
+                images: dict[Sample, torch.Tensor] | None) -> _Split:
+    labels = torch.tensor([class_index[s.label] for s in samples], dtype=torch.long)
+    return _Split(samples, labels, [images[s] for s in samples] if images is not None else None)
 
 
 def load_run(directory: str | os.PathLike, precision: str = "auto", device: str = "auto") -> Run:
@@ -65,11 +66,13 @@ def load_run(directory: str | os.PathLike, precision: str = "auto", device: str 
 
 
 def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "run",
-          config: TrainConfig | None = None, **options) -> Run:
+          config: TrainConfig | None = None, shared_dir: str | os.PathLike | None = None, **options) -> Run:
     """Train a classifier on an image folder and write a run directory.
 
     ``options`` are :class:`TrainConfig` fields (``strategy="freeze"``, ``head="512x128"``, ...) and
-    override ``config``. Returns the trained :class:`Run`.
+    override ``config``. ``shared_dir`` (experiments): with ``strategy="freeze"`` the unchanged backbone
+    weights go to a content-addressed file there, hard-linked into the run (see :func:`save_run`).
+    Returns the trained :class:`Run`.
     """
     cfg = config or TrainConfig()
     unknown = sorted(set(options) - set(TrainConfig.field_names()))
@@ -98,13 +101,33 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if cfg.weights == "none" and cfg.strategy == "freeze":
         log.warning("--weights none with --strategy freeze: the head trains on random features")
 
-    # Decode every image once, then split what decoded (a skipped file never empties a split).
+    from .features import FeatureCache, compute_features, default_cache_dir
+    from .model import TransferModel
+    from .strategies import apply_strategy
+
+    torch.manual_seed(cfg.seed)
+    model = policy.prepare_model(TransferModel(backbone, len(classes), cfg.head, cfg.dropout, cfg.pool))
+    cache = FeatureCache(None if cfg.cache_dir == "none" else cfg.cache_dir or default_cache_dir())
+
+    # Images are read once: a frozen backbone needs only cached features (decoding just the cache
+    # misses); fine-tuning needs the decoded pixels. Splits are made from what decoded, so a skipped
+    # file never empties a split.
     listed = splits.train + (splits.val or []) + (splits.test or [])
-    decoded: DecodedImages = decode_samples(listed, preprocess, strict=cfg.strict, desc="decoding images")
-    by_sample = dict(zip(decoded.samples, decoded.images, strict=True))
-    train_samples = [s for s in splits.train if s in by_sample]
-    test_samples = [s for s in splits.test if s in by_sample] if splits.test is not None else None
-    val_samples = [s for s in splits.val if s in by_sample] if splits.val is not None else None
+    images: dict[Sample, torch.Tensor] | None = None
+    features: dict[Sample, torch.Tensor] | None = None
+    train_started = time.perf_counter()
+    if cfg.strategy == "freeze":
+        result = compute_features(listed, model, preprocess, policy, cache, strict=cfg.strict)
+        features, skipped = result.features, result.skipped
+        usable = set(features)
+    else:
+        decoded = decode_samples(listed, preprocess, strict=cfg.strict, desc="decoding images")
+        images, skipped = dict(zip(decoded.samples, decoded.images, strict=True)), decoded.skipped
+        usable = set(images)
+    decode_seconds = time.perf_counter() - train_started
+    train_samples = [s for s in splits.train if s in usable]
+    test_samples = [s for s in splits.test if s in usable] if splits.test is not None else None
+    val_samples = [s for s in splits.val if s in usable] if splits.val is not None else None
     carve_val = val_samples is None and cfg.val_size > 0
     if test_samples is None:
         train_samples, test_samples = split_per_class(train_samples, cfg.test_size, cfg.seed, "test",
@@ -116,31 +139,29 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
         empty = [c for c, n in counts.items() if n == 0]
         if empty:
             raise TransferlabError(f"class '{empty[0]}' has no usable image in the {name} split")
-    train_split = _make_split(train_samples, by_sample, class_index)
-    test_split = _make_split(test_samples, by_sample, class_index)
-    val_split = _make_split(val_samples, by_sample, class_index) if val_samples else None
+    train_split = _make_split(train_samples, class_index, images)
+    test_split = _make_split(test_samples, class_index, images)
+    val_split = _make_split(val_samples, class_index, images) if val_samples else None
     log.info("%d classes; train %d, validation %d, test %d images (%s)", len(classes), len(train_split),
              len(val_split) if val_split else 0, len(test_split), splits.layout)
+    if cfg.patience and val_split is None:
+        log.warning("--patience %d has no effect without a validation split (--val-size or a val folder)",
+                    cfg.patience)
 
-    from .model import TransferModel
-    from .strategies import apply_strategy
-
-    torch.manual_seed(cfg.seed)
-    model = TransferModel(backbone, len(classes), cfg.head, cfg.dropout, cfg.pool)
     apply_strategy(model, cfg.strategy, cfg.unfreeze_last, cfg.bn)
-    model = policy.prepare_model(model)
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(cfg, train_split, len(classes)),
                                   label_smoothing=cfg.label_smoothing).to(policy.device)
 
-    train_started = time.perf_counter()
     history: list[dict] = []
     head_epochs = cfg.epochs if cfg.strategy == "freeze" else cfg.head_epochs
-    test_features = None
     if head_epochs > 0:
-        features = _extract_features(model, policy, preprocess,
-                                     {"train": train_split, "validation": val_split, "test": test_split})
-        history += _train_head(model, cfg, policy, loss_fn, head_epochs, features, train_split, val_split)
-        test_features = features["test"]
+        if features is None:  # head-first stage of fine-tuning: features of the pretrained backbone
+            features = compute_features(train_samples + (val_samples or []), model, preprocess, policy, cache,
+                                        images=images).features
+        for split in (train_split, val_split, test_split):
+            if split is not None and all(s in features for s in split.samples):
+                split.features = torch.stack([features[s] for s in split.samples])
+        history += _train_head(model, cfg, policy, loss_fn, head_epochs, train_split, val_split)
     if cfg.strategy != "freeze" and cfg.epochs > 0:
         history += _fine_tune(model, cfg, policy, loss_fn, preprocess, train_split, val_split)
     train_seconds = time.perf_counter() - train_started
@@ -148,22 +169,24 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     model.eval()
     with torch.no_grad():
         if cfg.strategy == "freeze":
-            logits = model.head(test_features.to(policy.device)).float().cpu()
+            logits = model.head(test_split.features.to(policy.device)).float().cpu()
         else:
             from .training import predict_in_batches
 
             logits = predict_in_batches(model, test_split.images, preprocess, policy, desc="testing")
     from .metrics import compute_metrics
 
-    metrics = compute_metrics(test_split.labels.numpy(), torch.softmax(logits, 1).numpy(), classes)
+    test_probs = torch.softmax(logits, 1).numpy()
+    metrics = compute_metrics(test_split.labels.numpy(), test_probs, classes)
     metrics["train_seconds"] = round(train_seconds, 3)
+    metrics["decode_seconds"] = round(decode_seconds, 3)
     metrics["total_seconds"] = round(time.perf_counter() - started, 3)
 
     counts = {"train": class_counts(train_split.samples, classes),
               "validation": class_counts(val_split.samples, classes) if val_split else {},
               "test": class_counts(test_split.samples, classes)}
     data_report = {"data_dir": str(Path(cfg.data_dir).resolve()), "layout": splits.layout, "classes": classes,
-                   "counts": counts, "skipped": decoded.skipped, "ignored_non_images": splits.ignored}
+                   "counts": counts, "skipped": skipped, "ignored_non_images": splits.ignored}
     config = {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -172,14 +195,23 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
                      "license": backbone.weights["license"]},
         "classes": classes,
         "preprocess": preprocess.to_dict(),
-        "train": cfg.to_dict(),
+        "train": _with_absolute_paths(cfg).to_dict(),
         "policy": {"device": policy.device, "precision": policy.precision, "channels_last": policy.channels_last},
         "model_file": MODEL_FILE,
     }
-    save_run(out, model, config, metrics, history, data_report)
+    save_run(out, model, config, metrics, history, data_report,
+             shared_dir=shared_dir if cfg.strategy == "freeze" else None,
+             test_predictions=(test_split.samples, test_split.labels.numpy(), test_probs))
     log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
              *metrics["accuracy_ci95"], metrics["f1"], out)
     return Run(out, read_json(out / CONFIG_FILE), model, policy)
+
+
+def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Paths in config.json are absolute, so ``train --config`` works from any working directory."""
+    absolute = {k: str(Path(v).resolve()) for k in ("data_dir", "test_dir", "labels", "cache_dir")
+                if (v := getattr(cfg, k)) not in (None, "none")}
+    return cfg.replace(**absolute)
 
 
 def _class_weights(cfg: TrainConfig, split: _Split, num_classes: int) -> torch.Tensor | None:
@@ -189,18 +221,8 @@ def _class_weights(cfg: TrainConfig, split: _Split, num_classes: int) -> torch.T
     return len(split) / (num_classes * counts.clamp(min=1))
 
 
-def _extract_features(model, policy: Policy, preprocess, splits: dict[str, _Split | None]) -> dict:
-    """Pooled backbone features per split, computed once (the backbone in eval mode)."""
-    from .training import predict_in_batches
-
-    model.eval()
-    return {name: predict_in_batches(model.features, split.images, preprocess, policy,
-                                     desc=f"features ({name})").cpu()
-            if split is not None else None for name, split in splits.items()}
-
-
-def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, features: dict,
-                train_split: _Split, val_split: _Split | None) -> list[dict]:
+def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, train_split: _Split,
+                val_split: _Split | None) -> list[dict]:
     from .strategies import param_groups
     from .training import EarlyStopping, EpochLogger, KeepBestOnValidation, TrainLoop, feature_batches, make_optimizer
 
@@ -210,7 +232,7 @@ def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, f
     fp32 = Policy(policy.device, "fp32", channels_last=False)  # a head on features: tiny, keep fp32
     validate = None
     if val_split is not None:
-        val_x, val_y = features["validation"].to(policy.device), val_split.labels.to(policy.device)
+        val_x, val_y = val_split.features.to(policy.device), val_split.labels.to(policy.device)
 
         def validate():
             head.eval()
@@ -220,7 +242,7 @@ def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, f
     callbacks = [KeepBestOnValidation(), EpochLogger()]
     if cfg.patience:
         callbacks.append(EarlyStopping(cfg.patience))
-    loop = TrainLoop(head, feature_batches(features["train"], train_split.labels, cfg.batch_size, cfg.seed, "head"),
+    loop = TrainLoop(head, feature_batches(train_split.features, train_split.labels, cfg.batch_size, cfg.seed, "head"),
                      loss_fn, optimizer, epochs, fp32, "head", cfg.warmup_epochs, validate, head.train, callbacks)
     return loop.fit()
 
@@ -262,16 +284,37 @@ def _fine_tune(model, cfg: TrainConfig, policy: Policy, loss_fn, preprocess, tra
 HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
-def save_run(out: Path, model, config: dict, metrics: dict, history: list[dict], data_report: dict) -> None:
-    """Write every file of the run directory atomically; config.json last (it marks a complete run)."""
+def save_run(out: Path, model, config: dict, metrics: dict, history: list[dict], data_report: dict,
+             shared_dir: str | os.PathLike | None = None, test_predictions: tuple | None = None) -> None:
+    """Write every file of the run directory atomically; config.json last (it marks a complete run).
+
+    ``shared_dir`` (frozen backbones in an experiment): the backbone tensors go to the content-addressed
+    file ``shared_dir/<sha256>.safetensors`` (written once), hard-linked (or copied) into
+    ``RUN_DIR/backbone.safetensors``; ``model.safetensors`` then holds the head only, and config.json lists
+    both files with their SHA-256 in ``weight_files``. ``test_predictions`` = (samples, true label
+    indices, probabilities) of the test split, written to ``test_predictions.csv``.
+    """
     from safetensors.torch import save_file
 
     from .plots import class_distribution_png, confusion_matrix_png, training_curves_png
 
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "producer": f"transferlab {__version__}"}
+    weight_files = None
+    if shared_dir is not None:
+        backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k: v for k, v in state.items() if k not in backbone}
+        # one metadata key only: safetensors writes a metadata map in no fixed order, and the blob's name is
+        # the SHA-256 of its bytes, so identical tensors must give identical bytes
+        weight_files = {BACKBONE_FILE: _link_shared_blob(backbone, {"format": "pt"}, Path(shared_dir),
+                                                         out / BACKBONE_FILE)}
+    else:
+        (out / BACKBONE_FILE).unlink(missing_ok=True)  # a stale file from an earlier run in this folder
     with atomic_path(out / MODEL_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"transferlab {__version__}"})
+        save_file(state, str(tmp), metadata=metadata)
+    if test_predictions is not None:
+        write_text(out / TEST_PREDICTIONS_FILE, _predictions_csv(*test_predictions, config["classes"]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -286,7 +329,50 @@ def save_run(out: Path, model, config: dict, metrics: dict, history: list[dict],
     if history:
         training_curves_png(history, out / "training_curves.png")
     config["model_sha256"] = sha256_file(out / MODEL_FILE)
+    if weight_files is not None:
+        config["weight_files"] = {MODEL_FILE: config["model_sha256"], **weight_files}
     write_json(out / CONFIG_FILE, config)
+
+
+def _link_shared_blob(state: dict[str, torch.Tensor], metadata: dict, shared_dir: Path, target: Path) -> str:
+    """Store ``state`` once as ``shared_dir/<sha256>.safetensors`` and hard-link it to ``target``
+    (copy where hard links are impossible, e.g. across file systems). Returns the SHA-256."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save
+
+    data = save(state, metadata=metadata)
+    digest = hashlib.sha256(data).hexdigest()
+    blob = shared_dir / f"{digest}.safetensors"
+    if not blob.is_file() or sha256_file(blob) != digest:  # written once; a damaged blob is replaced
+        with atomic_path(blob) as tmp:
+            tmp.write_bytes(data)
+    del data
+    try:
+        if target.exists() and os.path.samefile(blob, target):
+            return digest
+    except OSError:
+        pass
+    with atomic_path(target) as tmp:
+        try:
+            tmp.unlink()
+            os.link(blob, tmp)
+        except OSError:
+            shutil.copyfile(blob, tmp)
+    return digest
+
+
+def _predictions_csv(samples: list[Sample], y_true, probs, classes: list[str]) -> str:
+    """path, true, pred, score (probability of pred), then one probability column per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "true", "pred", "score", *[f"prob_{c}" for c in classes]])
+    for sample, t, p in zip(samples, y_true, probs, strict=True):
+        k = int(np.argmax(p))
+        writer.writerow([str(Path(sample.path).resolve()), classes[int(t)], classes[k], f"{float(p[k]):.6f}",
+                         *[f"{float(v):.6f}" for v in p]])
+    return buffer.getvalue()
 
 
 def load_class_map(value: str | None) -> dict[str, str]:

@@ -12,11 +12,14 @@ from . import __version__
 log = logging.getLogger("transferlab")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     # Defaults are None here so that options given with --config can be told apart; TrainConfig owns
-    # the real defaults (listed in the README).
+    # the real defaults (listed in the README). ``skip``: options another subcommand replaces (a grid).
     S = argparse.SUPPRESS
-    add = p.add_argument
+
+    def add(*names, **kwargs):
+        if names[0] not in skip:
+            p.add_argument(*names, **kwargs)
     add("--test-dir", default=S, help="folder of class subfolders used as the test split")
     add("--labels", default=S, metavar="FILE.csv", help="CSV with columns path,label instead of class folders")
     add("--backbone", default=S, help="efficientnet_lite0 (default), efficientnet_lite1/2, a torchvision name "
@@ -50,6 +53,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
     add("--precision", default=S, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
     add("--device", default=S, choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    add("--cache-dir", default=S, help="frozen-feature cache (default: $TRANSFERLAB_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/transferlab or ~/.cache/transferlab); 'none' disables it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
     sub.add_parser("backbones", help="list the registered backbones")
+
+    p = sub.add_parser("experiment", help="train a grid of runs, compare them, write results and report.html")
+    p.add_argument("data_dir", help="class-per-subfolder image tree, or a study .toml file")
+    p.add_argument("--out", help="experiment folder (required unless the .toml names it)")
+    p.add_argument("--strategies", help="comma-separated: freeze,unfreeze,partial")
+    p.add_argument("--optimizers", help="comma-separated: sgd,adam,adamw")
+    p.add_argument("--heads", help="comma-separated head specs: 128,512x128,0")
+    p.add_argument("--backbones", help="comma-separated backbones (default: efficientnet_lite0)")
+    p.add_argument("--seeds", help="comma-separated seeds; each configuration is repeated per seed")
+    p.add_argument("--eval-on", nargs="+", action="extend", metavar="DATA_DIR",
+                   help="also evaluate every run on these folders (classes matched by name)")
+    p.add_argument("--class-map", help="for --eval-on: JSON object (inline or file): dataset class -> model class")
+    p.add_argument("--question", help="the study's question, shown at the top of the report")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed"))
+
+    p = sub.add_parser("report", help="re-render EXP_DIR/report.html (and results.*) from the results on disk")
+    p.add_argument("exp_dir")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
@@ -137,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .run import Run
 
-    run = Run.load(args.run_dir)
+    run = Run.load(args.run_dir, precision=args.precision, device=args.device)
     failed = 0
     for row in run.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size):
         failed += "error" in row
@@ -154,12 +180,56 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones}
+GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on", "class_map", "question")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import TrainConfig
+    from .experiment import command_line, load_study, run_experiment
+
+    kwargs: dict = {"options": {}}
+    if args.data_dir.endswith(".toml"):
+        kwargs = load_study(args.data_dir)
+    else:
+        kwargs["data_dir"] = args.data_dir
+    given = vars(args)
+    for name in GRID_ARGS:  # the command line overrides the study file
+        if given.get(name) is not None:
+            kwargs[name] = given[name]
+    if args.out:
+        kwargs["out"] = args.out
+    options = {k: v for k, v in given.items() if k in TrainConfig.field_names() and k != "data_dir"}
+    if "epochs" in options:
+        kwargs["epochs"] = options.pop("epochs")
+    kwargs["options"] = {**kwargs.get("options", {}), **options}
+    result = run_experiment(command=command_line(getattr(args, "argv", sys.argv[1:])), **kwargs)
+    best = result.best
+    if best:
+        m = best["datasets"]["test"]
+        print(f"selected by {result.results['selection_by']}: {best['label']} ({best['name']}): "
+              f"test {_summary(m)}")
+    print(f"{result.trained} run(s) trained, {result.skipped} skipped (finished earlier)")
+    print(f"results: {Path(result.directory) / 'results.csv'}, results.md; report: {result.report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    print(f"report: {render_report(args.exp_dir)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones,
+            "experiment": cmd_experiment, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by `experiment`
     _configure_logging(getattr(args, "quiet", False))
     from .errors import TransferlabError
 

@@ -57,6 +57,7 @@ class TrainConfig:
     strict: bool = False
     precision: str = "auto"
     device: str = "auto"
+    cache_dir: str | None = None  # frozen-feature cache; None: the default folder, "none": no cache
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -94,3 +94,47 @@ def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
         ax.legend()
     fig.tight_layout()
     _save(fig, target)
+
+
+def comparison_png(labels: list[str], values: dict[str, list[float | None]], errors: dict[str, list[float | None]],
+                   target: str | os.PathLike, title: str = "Comparison (test)", reference: list[bool] | None = None,
+                   separators: list[int] | None = None) -> None:
+    """Grouped horizontal bars: one group per configuration (top to bottom in the given order), one bar per
+    metric, the value printed at the end of each bar, error bars (std over seeds) where given. Reference
+    rows are hatched; ``separators`` are indices where a new group of the grid starts (a thin line)."""
+    plt = _pyplot()
+    metrics = list(values)
+    n, m = len(labels), len(metrics)
+    reference = reference or [False] * n
+    bar_h = 0.8 / max(1, m)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + n * (0.32 * m + 0.25)))
+    colors = plt.get_cmap("tab10").colors
+    y = np.arange(n)
+    for j, metric in enumerate(metrics):
+        pos = y + (j - (m - 1) / 2) * bar_h
+        vals = np.array([np.nan if v is None else v for v in values[metric]], dtype=float)
+        errs = errors.get(metric) or [None] * n
+        xerr = np.array([0.0 if e is None else e for e in errs], dtype=float)
+        bars = ax.barh(pos, np.nan_to_num(vals), bar_h * 0.92, color=colors[j % 10], label=metric,
+                       xerr=xerr if xerr.any() else None, error_kw={"ecolor": "black", "capsize": 2, "lw": 0.8})
+        for bar, is_ref in zip(bars, reference, strict=True):
+            if is_ref:
+                bar.set_hatch("///")
+                bar.set_alpha(0.55)
+        for p, v, e in zip(pos, vals, xerr, strict=True):
+            if not np.isnan(v):
+                text = f"{v:.3f}" + (f" ± {e:.3f}" if e else "")
+                ax.text(min(v + e, 1.0) + 0.005, p, text, va="center", fontsize=7)
+    for s in separators or []:
+        ax.axhline(s - 0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yticks(y, labels, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.18)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("score")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.25 / max(3, n)), ncol=m, frameon=False,
+              fontsize=9)
+    fig.tight_layout()
+    _save(fig, target)

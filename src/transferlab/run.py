@@ -4,6 +4,11 @@ RUN_DIR/model.safetensors   weights of backbone + head (contiguous tensors)
 RUN_DIR/config.json         format_version, backbone and weights source, classes in index order,
                             preprocessing, every training option, versions, SHA-256 of the weights
 RUN_DIR/metrics.json        test-split metrics; history.csv; data_report.json; *.png figures
+RUN_DIR/test_predictions.csv  path, true, pred, score and per-class probabilities of each test image
+
+A frozen-backbone run of an experiment splits its weights: backbone.safetensors (a hard link to a
+content-addressed file shared by the experiment's runs) and model.safetensors (the head); config.json's
+``weight_files`` lists every weight file with its SHA-256.
 
 Loading never executes code from the directory: JSON and safetensors only.
 """
@@ -28,6 +33,8 @@ log = logging.getLogger("transferlab")
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+TEST_PREDICTIONS_FILE = "test_predictions.csv"
 CONFIG_FILE = "config.json"
 
 
@@ -79,16 +86,27 @@ class Run:
         if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
             raise TransferlabError(f"{directory / CONFIG_FILE}: not a transferlab run config "
                                    f"(format_version {FORMAT_VERSION} expected)")
-        model_path = directory / MODEL_FILE
-        if not model_path.is_file():
-            raise TransferlabError(f"{model_path}: file not found")
-        expected = config.get("model_sha256")
-        if expected and sha256_file(model_path) != expected:
-            raise TransferlabError(f"{model_path}: SHA-256 differs from config.json (file changed or corrupted)")
-        try:
-            state = load_file(str(model_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise TransferlabError(f"{model_path}: cannot read ({exc})") from None
+        weight_files = config.get("weight_files") or {MODEL_FILE: config.get("model_sha256")}
+        if not isinstance(weight_files, dict):
+            raise TransferlabError(f"{directory / CONFIG_FILE}: 'weight_files' must be an object")
+        state: dict[str, torch.Tensor] = {}
+        for name, expected in weight_files.items():
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise TransferlabError(f"{directory / CONFIG_FILE}: weight file {name!r} must be a file name "
+                                       "inside the run directory")
+            model_path = directory / name
+            if not model_path.is_file():
+                raise TransferlabError(f"{model_path}: file not found")
+            if expected and sha256_file(model_path) != expected:
+                raise TransferlabError(f"{model_path}: SHA-256 differs from config.json (file changed or corrupted)")
+            try:
+                part = load_file(str(model_path))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise TransferlabError(f"{model_path}: cannot read ({exc})") from None
+            overlap = sorted(set(part) & set(state))
+            if overlap:
+                raise TransferlabError(f"{model_path}: tensor '{overlap[0]}' is also in another weight file")
+            state.update(part)
         train = config["train"]
         backbone = create_backbone(config["backbone"]["name"], weights="none")
         backbone.preprocess = PreprocessConfig.from_dict(config["preprocess"])
@@ -96,7 +114,8 @@ class Run:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise TransferlabError(f"{model_path}: does not match config.json "
+            where = model_path if len(weight_files) == 1 else f"{directory} ({', '.join(weight_files)})"
+            raise TransferlabError(f"{where}: does not match config.json "
                                    f"({str(exc).splitlines()[0]})") from None
         policy = resolve_policy(precision, device)
         return cls(directory, config, policy.prepare_model(model), policy)
@@ -117,6 +136,8 @@ class Run:
         """One dict per image file: ``{path, label, score, top_k}`` or ``{path, error}``."""
         if top_k < 1:
             raise TransferlabError(f"--top-k {top_k}: must be at least 1")
+        if batch_size < 1:
+            raise TransferlabError(f"--batch-size {batch_size}: must be at least 1")
         top_k = min(top_k, len(self.classes))
         paths = expand_image_paths(inputs)
 

@@ -1,0 +1,125 @@
+"""`make bench`: the naive tutorial loop against transferlab's commands, one after the other, same data,
+backbone and epochs; every transferlab command runs as a fresh subprocess (cold interpreter).
+
+Prints a table of ratios measured in this one run and writes bench.json (seconds, images/s, ratios,
+peak RSS, accuracy for both sides). Usage: python benchmarks/bench.py [DATA_DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TL = [sys.executable, "-m", "transferlab.cli", "-q"]
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; return wall seconds, peak RSS of the process (MB) and its stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out, err = proc.stdout.read(), proc.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{err[-2000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": out}
+
+
+def accuracy_of(run_dir: Path) -> float:
+    return json.loads((run_dir / "metrics.json").read_text())["accuracy"]
+
+
+def finetune_images_per_s(run_dir: Path) -> float:
+    rows = [r for r in csv.DictReader(open(run_dir / "history.csv")) if r["stage"] == "finetune"]
+    n_train = sum(json.loads((run_dir / "data_report.json").read_text())["counts"]["train"].values())
+    return n_train * len(rows) / sum(float(r["seconds"]) for r in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data_dir", nargs="?", default="data/hymenoptera")
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--epochs", type=int, default=10, help="frozen-head epochs on both sides")
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    args = ap.parse_args()
+    data, out = Path(args.data_dir), Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cache = {"TRANSFERLAB_CACHE_DIR": str(out / "cache")}
+    naive = [sys.executable, str(HERE / "naive_loop.py"), str(data)]
+    n_val = sum(1 for p in (data / "val").rglob("*") if p.is_file())
+    r: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                           "processor": platform.processor()}, "data": str(data), "epochs": args.epochs}
+
+    def step(name, cmd, env=None):
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        r[name] = run(cmd, env)
+        return r[name]
+
+    nf = step("naive_freeze", naive + ["--mode", "freeze", "--epochs", str(args.epochs)])
+    nf |= json.loads(nf.pop("stdout"))
+    common = ["--strategy", "freeze", "--epochs", str(args.epochs)]
+    step("tl_freeze_cold", TL + ["train", str(data), "--out", str(out / "cold"), "--head", "256"] + common, cache)
+    step("tl_freeze_warm", TL + ["train", str(data), "--out", str(out / "warm"), "--head", "512"] + common, cache)
+    r["tl_freeze_cold"]["accuracy"] = accuracy_of(out / "cold")
+    r["tl_freeze_warm"]["accuracy"] = accuracy_of(out / "warm")
+    grid = TL + ["experiment", str(data), "--out", str(out / "grid"), "--strategies", "freeze", "--optimizers",
+                 "sgd,adam", "--heads", "0,256,512x128", "--epochs", str(args.epochs)]
+    step("tl_frozen_grid", grid, {"TRANSFERLAB_CACHE_DIR": str(out / "grid-cache")})
+
+    nt = step("naive_finetune", naive + ["--mode", "finetune", "--epochs", str(args.finetune_epochs)])
+    nt |= json.loads(nt.pop("stdout"))
+    step("tl_finetune", TL + ["train", str(data), "--out", str(out / "ft"), "--strategy", "unfreeze",
+                              "--epochs", str(args.finetune_epochs), "--head-epochs", "0"], cache)
+    r["tl_finetune"]["train_images_per_s"] = round(finetune_images_per_s(out / "ft"), 2)
+    r["tl_finetune"]["accuracy"] = accuracy_of(out / "ft")
+
+    npred = step("naive_predict", naive + ["--mode", "predict"])
+    npred |= json.loads(npred.pop("stdout"))
+    p32 = step("tl_predict", TL + ["predict", str(out / "cold"), str(data / "val"), "--precision", "fp32"])
+    pbf = step("tl_predict_bf16", TL + ["predict", str(out / "cold"), str(data / "val"), "--precision", "bf16"])
+    labels32 = [json.loads(line).get("label") for line in p32.pop("stdout").splitlines()]
+    labelsbf = [json.loads(line).get("label") for line in pbf.pop("stdout").splitlines()]
+    agreement = sum(a == b for a, b in zip(labels32, labelsbf, strict=True)) / len(labels32)
+
+    naive_grid_seconds = 6 * nf["seconds"]  # the naive way runs each of the 6 grid configurations separately
+    rows = [
+        ("frozen, whole train command, cold cache", nf["seconds"], r["tl_freeze_cold"]["seconds"], 10),
+        ("frozen, warm cache (second head size)", nf["seconds"], r["tl_freeze_warm"]["seconds"], 20),
+        ("frozen grid 2 optimizers x 3 heads, one experiment", naive_grid_seconds, r["tl_frozen_grid"]["seconds"], 50),
+    ]
+    table = [(name, f"{a:.1f} s", f"{b:.1f} s", a / b, goal) for name, a, b, goal in rows]
+    ft_ratio = r["tl_finetune"]["train_images_per_s"] / nt["train_images_per_s"]
+    table.append(("fine-tune training images/s", f"{nt['train_images_per_s']:.1f}/s",
+                  f"{r['tl_finetune']['train_images_per_s']:.1f}/s", ft_ratio, 2.5))
+    naive_pred_ips = n_val / npred["seconds"]
+    tl_pred_ips = n_val / r["tl_predict"]["seconds"]
+    table.append(("predict on a folder, whole command, images/s", f"{naive_pred_ips:.1f}/s", f"{tl_pred_ips:.1f}/s",
+                  tl_pred_ips / naive_pred_ips, 2.5))
+    r["ratios"] = {name: round(ratio, 2) for name, _, _, ratio, _ in table}
+    r["bf16_top1_agreement"] = agreement
+    r["naive_settings"] = nf["settings"]
+    (out / "bench.json").write_text(json.dumps(r, indent=2))
+    print(f"| case | naive | transferlab | ratio | goal |\n|---|---|---|---|---|")
+    for name, a, b, ratio, goal in table:
+        print(f"| {name} | {a} | {b} | {ratio:.1f}x | >= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
+    print(f"| top-1 agreement bf16 vs fp32 ({len(labels32)} images) | | | {agreement:.1%} | >= 99% "
+          f"{'met' if agreement >= 0.99 else 'NOT met'} |")
+    print(f"accuracy: naive frozen {nf['accuracy']:.4f}, transferlab frozen {r['tl_freeze_cold']['accuracy']:.4f}; "
+          f"naive fine-tune {nt['accuracy']:.4f}, transferlab fine-tune {r['tl_finetune']['accuracy']:.4f}")
+    print(f"written: {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

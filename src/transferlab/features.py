@@ -1,0 +1,155 @@
+"""Frozen-backbone features, computed once per image and cached on disk.
+
+A frozen backbone maps an image to the same feature vector every time, so transferlab computes it once
+and keeps it: heads of any size, optimizers and seeds then train on cached vectors, and a grid of
+frozen experiments on the same data costs one backbone pass.
+
+Cache layout: ``CACHE_DIR/features/<model key>/<ab>/<image digest>.npy``, where the model key is a hash
+of everything that changes a feature (backbone name, its weights' bytes, preprocessing, pooling,
+precision, library versions) and the image digest a hash of the file's bytes. A changed image or key part
+therefore misses the cache; stale entries are simply never read again. Each entry is written atomically,
+so concurrent runs sharing a cache are safe (they write identical bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Sample, decode_samples
+from .fileio import atomic_path
+from .precision import Policy
+from .preprocessing import PreprocessConfig
+
+log = logging.getLogger("transferlab")
+
+
+def default_cache_dir() -> Path:
+    """TRANSFERLAB_CACHE_DIR, else $XDG_CACHE_HOME/transferlab, else ~/.cache/transferlab."""
+    if os.environ.get("TRANSFERLAB_CACHE_DIR"):
+        return Path(os.environ["TRANSFERLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transferlab"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_key(model, preprocess: PreprocessConfig, policy: Policy) -> str:
+    """Hash of everything that changes a pooled feature vector of ``model.features``."""
+    import timm
+    import torchvision
+
+    from . import __version__
+
+    digest = hashlib.sha256()
+    spec = {"backbone": model.backbone.name, "pool": model.pool, "preprocess": preprocess.to_dict(),
+            "precision": policy.precision, "device": policy.device, "transferlab": __version__,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    for name, tensor in model.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class FeatureResult:
+    features: dict[Sample, torch.Tensor]
+    skipped: list[dict] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+
+
+class FeatureCache:
+    """On-disk store of feature vectors keyed by (model key, image digest); ``root=None`` disables it."""
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = Path(root) / "features" if root is not None else None
+
+    def _path(self, key: str, digest: str) -> Path:
+        return self.root / key / digest[:2] / f"{digest}.npy"
+
+    def get(self, key: str, digest: str) -> torch.Tensor | None:
+        if self.root is None:
+            return None
+        path = self._path(key, digest)
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError):  # a damaged entry is recomputed
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, digest: str, vector: torch.Tensor) -> None:
+        if self.root is None:
+            return
+        try:
+            with atomic_path(self._path(key, digest)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, vector.numpy(), allow_pickle=False)
+        except OSError as exc:  # a full or read-only cache must not stop a run
+            log.warning("feature cache: cannot write to %s (%s); continuing without caching", self.root, exc)
+            self.root = None
+
+
+def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig, policy: Policy,
+                     cache: FeatureCache, images: dict[Sample, torch.Tensor] | None = None,
+                     strict: bool = False, batch_size: int = 64) -> FeatureResult:
+    """Pooled features of ``model.features`` (model in eval mode) for each sample, from the cache where
+    possible. Images are decoded only for cache misses (or taken from ``images`` when given)."""
+    from .training import predict_in_batches
+
+    key = model_key(model, preprocess, policy) if cache.root is not None else ""
+    result = FeatureResult({})
+    todo: list[tuple[Sample, str | None]] = []
+    if cache.root is not None:
+        def digest_of(sample: Sample) -> str | None:
+            try:
+                return file_digest(sample.path)
+            except OSError:
+                return None  # unreadable: decoding reports the reason
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(digest_of, samples))
+        for sample, digest in zip(samples, digests, strict=True):
+            vector = cache.get(key, digest) if digest else None
+            if vector is None:
+                todo.append((sample, digest))
+            else:
+                result.features[sample] = vector
+    else:
+        todo = [(s, None) for s in samples]
+    result.hits = len(result.features)
+    if todo:
+        missing = [s for s, _ in todo]
+        if images is not None:
+            good = [s for s in missing if s in images]
+            pixels = [images[s] for s in good]
+        else:
+            decoded = decode_samples(missing, preprocess, strict=strict, desc="decoding images")
+            good, pixels, result.skipped = decoded.samples, decoded.images, decoded.skipped
+        model.eval()
+        vectors = predict_in_batches(model.features, pixels, preprocess, policy, batch_size, desc="features")
+        digest_of_sample = dict(todo)
+        for sample, vector in zip(good, vectors, strict=True):
+            vector = vector.clone()
+            result.features[sample] = vector
+            if digest_of_sample[sample]:
+                cache.put(key, digest_of_sample[sample], vector)
+        result.misses = len(good)
+    if cache.root is not None:
+        log.info("features: %d from cache, %d computed", result.hits, result.misses)
+    return result

@@ -1,0 +1,149 @@
+"""report.html: one self-contained page (inline CSS, JS and images as data: URIs; opens from disk offline)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+from pathlib import Path
+
+from .experiment import (
+    TEST,
+    cross_table,
+    dataset_title,
+    read_predictions,
+    results_table,
+    runs_table,
+    write_results,
+)
+from .fileio import write_text
+
+log = logging.getLogger("transferlab")
+
+TOP_LOSSES = 12
+THUMBNAIL = 160
+
+
+def _data_uri(path: Path, mime: str = "image/png") -> str | None:
+    try:
+        return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return None
+
+
+def thumbnail_uri(path: str | os.PathLike, size: int = THUMBNAIL) -> str | None:
+    """A JPEG thumbnail (EXIF orientation applied) as a data: URI; None when the file cannot be read."""
+    from PIL import Image
+
+    from .data import ImageDecodeError, load_rgb
+
+    try:
+        im = load_rgb(path)
+    except (ImageDecodeError, OSError):
+        return None
+    im = im.convert("RGB") if im.mode != "RGB" else im
+    im.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    im.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def top_losses(run: dict, limit: int = TOP_LOSSES) -> list[dict]:
+    """The run's most confidently misclassified test images, highest score of the wrong class first."""
+    wrong = [r for r in read_predictions(run["dir"]) if r["true"] != r["pred"]]
+    wrong.sort(key=lambda r: -float(r["score"]))
+    out = []
+    for r in wrong[:limit]:
+        out.append({"path": r["path"], "name": Path(r["path"]).name, "true": r["true"], "pred": r["pred"],
+                    "score": float(r["score"]), "thumb": thumbnail_uri(r["path"])})
+    return out
+
+
+def _leakage_rows(leakage: dict | None, limit: int = 24) -> list[dict]:
+    if not leakage:
+        return []
+    rows = []
+    for pair in leakage["pairs"][:limit]:
+        rows.append({**pair, "test_thumb": thumbnail_uri(pair["test"], 96),
+                     "train_thumb": thumbnail_uri(pair["train"], 96)})
+    return rows
+
+
+def _skipped(results: dict) -> list[dict]:
+    seen, out = set(), []
+    for r in results["runs"]:
+        for item in (r.get("data_report") or {}).get("skipped", []):
+            if item["path"] not in seen:
+                seen.add(item["path"])
+                out.append(item)
+    return out
+
+
+def render_report(exp_dir: str | os.PathLike, results: dict | None = None) -> Path:
+    """Render EXP_DIR/report.html from the files on disk (re-writing results.* and the charts first when
+    ``results`` is not given)."""
+    import jinja2
+
+    from . import __version__
+
+    exp_dir = Path(exp_dir)
+    if results is None:
+        results = write_results(exp_dir)
+    results.setdefault("figures", {})
+    figures = {d: _data_uri(exp_dir / name) for d, name in results["figures"].items()}
+    finished = [r for r in results["runs"] if r["finished"]]
+    per_run = []
+    for r in sorted(finished, key=lambda r: r["rank"]):
+        run_dir = Path(r["dir"])
+        evals = []
+        for d in results["datasets"][1:]:
+            uri = _data_uri(run_dir / "evaluations" / d / "confusion_matrix.png")
+            if uri:
+                evals.append({"name": d, "uri": uri})
+        per_run.append({"run": r, "confusion": _data_uri(run_dir / "confusion_matrix.png"),
+                        "curves": _data_uri(run_dir / "training_curves.png"), "evals": evals})
+    first = finished[0] if finished else None
+    data_report = first["data_report"] if first else {}
+    counts = data_report.get("counts", {})
+    n_test = (results["best"] or {}).get("datasets", {}).get(TEST, {}).get("n_test")
+    env = results["meta"].get("environment", {})
+    policies = sorted({f"{r['policy']['device']} {r['policy']['precision']}"
+                       + (" channels_last" if r["policy"].get("channels_last") else "")
+                       for r in finished if r.get("policy")})
+    references = results.get("references") or {}
+    context = {
+        "results": results, "meta": results["meta"], "version": __version__,
+        "tables": [{"title": dataset_title(results, d), "figure": figures.get(d), "table": results_table(results, d),
+                    "dataset": d} for d in results["datasets"]],
+        "runs_table": runs_table(results) if len(results["seeds"]) > 1 else None,
+        "cross": cross_table(results), "per_run": per_run,
+        "class_distribution": _data_uri(exp_dir / "class_distribution.png"),
+        "counts": counts, "classes": data_report.get("classes") or (first or {}).get("classes") or [],
+        "layout": data_report.get("layout"), "skipped": _skipped(results),
+        "ignored": len(data_report.get("ignored_non_images") or []),
+        "best": results["best"], "second": results["second"], "mcnemar": results["mcnemar"],
+        "one_image": 100.0 / n_test if n_test else None, "n_test": n_test,
+        "top_losses": top_losses(results["best"]) if results["best"] else [],
+        "leakage": references.get("leakage"), "leakage_rows": _leakage_rows(references.get("leakage")),
+        "references": references, "env": env, "policies": policies,
+        "pending": [r["name"] for r in results["runs"] if not r["finished"]],
+        "config_json": _first_config_json(finished),
+    }
+    loader = jinja2.PackageLoader("transferlab", "templates")
+    environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html", "j2"]),
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"
+    html = environment.get_template("report.html.j2").render(**context)
+    target = exp_dir / "report.html"
+    write_text(target, html)
+    log.info("report: %s", target)
+    return target
+
+
+def _first_config_json(finished: list[dict]) -> str:
+    import json
+
+    if not finished:
+        return ""
+    return json.dumps(finished[0]["config"], indent=2)

