@@ -82,6 +82,11 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
         options["data_dir"] = str(data_dir)
     cfg = cfg.replace(**options).resolved()
     out = check_writable_dir(out)
+    from .checkpoint import load_checkpoint, remove_checkpoint
+    from .training import SaveCheckpoint
+
+    checkpoint_config = _with_absolute_paths(cfg).to_dict()
+    checkpoint = load_checkpoint(out, checkpoint_config)  # a killed or interrupted run continues
     started = time.perf_counter()
     seed_everything(cfg.seed)
     policy = resolve_policy(cfg.precision, cfg.device)
@@ -154,6 +159,10 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
 
     history: list[dict] = []
     head_epochs = cfg.epochs if cfg.strategy == "freeze" else cfg.head_epochs
+    if checkpoint is not None and checkpoint.stage == "finetune":  # the head stage had finished
+        history = [row for row in checkpoint.meta["history"] if row["stage"] != "finetune"]
+        head_epochs = 0
+    saver = SaveCheckpoint(out, checkpoint_config, history)
     if head_epochs > 0:
         if features is None:  # head-first stage of fine-tuning: features of the pretrained backbone
             features = compute_features(train_samples + (val_samples or []), model, preprocess, policy, cache,
@@ -161,9 +170,11 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
         for split in (train_split, val_split, test_split):
             if split is not None and all(s in features for s in split.samples):
                 split.features = torch.stack([features[s] for s in split.samples])
-        history += _train_head(model, cfg, policy, loss_fn, head_epochs, train_split, val_split)
+        history += _train_head(model, cfg, policy, loss_fn, head_epochs, train_split, val_split, saver,
+                               checkpoint if checkpoint is not None and checkpoint.stage == "head" else None)
     if cfg.strategy != "freeze" and cfg.epochs > 0:
-        history += _fine_tune(model, cfg, policy, loss_fn, preprocess, train_split, val_split)
+        history += _fine_tune(model, cfg, policy, loss_fn, preprocess, train_split, val_split, saver,
+                              checkpoint if checkpoint is not None and checkpoint.stage == "finetune" else None)
     train_seconds = time.perf_counter() - train_started
 
     model.eval()
@@ -202,6 +213,7 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     save_run(out, model, config, metrics, history, data_report,
              shared_dir=shared_dir if cfg.strategy == "freeze" else None,
              test_predictions=(test_split.samples, test_split.labels.numpy(), test_probs))
+    remove_checkpoint(out)
     log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
              *metrics["accuracy_ci95"], metrics["f1"], out)
     return Run(out, read_json(out / CONFIG_FILE), model, policy)
@@ -222,9 +234,9 @@ def _class_weights(cfg: TrainConfig, split: _Split, num_classes: int) -> torch.T
 
 
 def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, train_split: _Split,
-                val_split: _Split | None) -> list[dict]:
+                val_split: _Split | None, saver=None, resume=None) -> list[dict]:
     from .strategies import param_groups
-    from .training import EarlyStopping, EpochLogger, KeepBestOnValidation, TrainLoop, feature_batches, make_optimizer
+    from .training import TrainLoop, feature_batches, make_optimizer
 
     head = model.head
     groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, head_only=True)
@@ -239,26 +251,27 @@ def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, t
             with torch.no_grad():
                 logits = head(val_x)
                 return float(loss_fn(logits, val_y)), float((logits.argmax(1) == val_y).float().mean())
+    loop = TrainLoop(head, feature_batches(train_split.features, train_split.labels, cfg.batch_size, cfg.seed, "head"),
+                     loss_fn, optimizer, epochs, fp32, "head", cfg.warmup_epochs, validate, head.train,
+                     _callbacks(cfg, saver), seed=cfg.seed)
+    return loop.fit(resume)
+
+
+def _callbacks(cfg: TrainConfig, saver) -> list:
+    from .training import EarlyStopping, EpochLogger, KeepBestOnValidation
+
     callbacks = [KeepBestOnValidation(), EpochLogger()]
     if cfg.patience:
         callbacks.append(EarlyStopping(cfg.patience))
-    loop = TrainLoop(head, feature_batches(train_split.features, train_split.labels, cfg.batch_size, cfg.seed, "head"),
-                     loss_fn, optimizer, epochs, fp32, "head", cfg.warmup_epochs, validate, head.train, callbacks)
-    return loop.fit()
+    if saver is not None:
+        callbacks.append(saver)
+    return callbacks
 
 
 def _fine_tune(model, cfg: TrainConfig, policy: Policy, loss_fn, preprocess, train_split: _Split,
-               val_split: _Split | None) -> list[dict]:
+               val_split: _Split | None, saver=None, resume=None) -> list[dict]:
     from .strategies import param_groups, set_train_mode
-    from .training import (
-        EarlyStopping,
-        EpochLogger,
-        KeepBestOnValidation,
-        TrainLoop,
-        image_batches,
-        make_optimizer,
-        predict_in_batches,
-    )
+    from .training import TrainLoop, image_batches, make_optimizer, predict_in_batches
 
     groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr)
@@ -271,14 +284,11 @@ def _fine_tune(model, cfg: TrainConfig, policy: Policy, loss_fn, preprocess, tra
             logits = predict_in_batches(model, val_split.images, preprocess, policy)
             return float(loss_fn(logits.to(policy.device), val_y.to(policy.device))), \
                 float((logits.argmax(1) == val_y).float().mean())
-    callbacks = [KeepBestOnValidation(), EpochLogger()]
-    if cfg.patience:
-        callbacks.append(EarlyStopping(cfg.patience))
     batches = image_batches(train_split.images, train_split.labels, cfg.batch_size, cfg.seed, "finetune",
                             preprocess, cfg.augment)
     loop = TrainLoop(model, batches, loss_fn, optimizer, cfg.epochs, policy, "finetune", cfg.warmup_epochs,
-                     validate, lambda: set_train_mode(model, cfg.bn), callbacks)
-    return loop.fit()
+                     validate, lambda: set_train_mode(model, cfg.bn), _callbacks(cfg, saver), seed=cfg.seed)
+    return loop.fit(resume)
 
 
 HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]

@@ -233,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(getattr(args, "quiet", False))
     from .errors import TransferlabError
 
+    from .training import TrainingInterrupted
+
     try:
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"transferlab: {exc}", file=sys.stderr)
+        return 130
     except TransferlabError as exc:
         print(f"transferlab: error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,37 @@ class Callback:
 
     def after_fit(self, loop: TrainLoop) -> None: ...
 
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, JSON-able scalars) to store in a checkpoint."""
+        return {}, {}
+
+    def load_state(self, tensors: dict, meta: dict) -> None: ...
+
+
+class TrainingInterrupted(TransferlabError):
+    """Ctrl-C during training; the checkpoint of the last finished epoch is on disk."""
+
+
+class SaveCheckpoint(Callback):
+    """After every epoch, a checkpoint in RUN_DIR/checkpoint (see :mod:`transferlab.checkpoint`)."""
+
+    order = 40
+
+    def __init__(self, run_dir, config: dict, earlier_history: list[dict]) -> None:
+        self.run_dir, self.config = run_dir, config
+        self.earlier_history = earlier_history  # rows of finished stages (the caller's list, kept current)
+
+    def after_epoch(self, loop: TrainLoop, row: dict) -> None:
+        from .checkpoint import save_checkpoint
+
+        tensors, meta = {}, {}
+        for cb in loop.callbacks:
+            cb_tensors, cb_meta = cb.state()
+            tensors |= {f"cb.{type(cb).__name__}.{k}": v for k, v in cb_tensors.items()}
+            meta[type(cb).__name__] = cb_meta
+        save_checkpoint(self.run_dir, loop.stage, row["epoch"], loop.module, loop.optimizer, loop.scheduler,
+                        self.earlier_history + loop.history, meta, tensors, self.config)
+
 
 class KeepBestOnValidation(Callback):
     """Remembers the weights of the epoch with the best validation accuracy (lower loss breaks ties)
@@ -60,6 +91,16 @@ class KeepBestOnValidation(Callback):
             self.best_key, self.best_epoch = key, row["epoch"]
             self.best_state = copy.deepcopy(loop.module.state_dict())
 
+    def state(self) -> tuple[dict, dict]:
+        tensors = {f"best.{k}": v for k, v in (self.best_state or {}).items()}
+        return tensors, {"best_key": self.best_key, "best_epoch": self.best_epoch}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        self.best_key = tuple(meta["best_key"]) if meta.get("best_key") else None
+        self.best_epoch = meta.get("best_epoch")
+        best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        self.best_state = best or None
+
     def after_fit(self, loop: TrainLoop) -> None:
         if self.best_state is not None:
             loop.module.load_state_dict(self.best_state)
@@ -74,6 +115,13 @@ class EarlyStopping(Callback):
         self.patience = patience
         self.best: tuple[float, float] | None = None
         self.waited = 0
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {"best": self.best, "waited": self.waited}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        self.best = tuple(meta["best"]) if meta.get("best") else None
+        self.waited = int(meta.get("waited", 0))
 
     def after_epoch(self, loop: TrainLoop, row: dict) -> None:
         if row.get("val_acc") is None:
@@ -150,12 +198,11 @@ def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: in
 
 def image_batches(images: list[torch.Tensor], labels: torch.Tensor, batch_size: int, seed: int, stage: str,
                   preprocess: PreprocessConfig, augment: bool) -> Batches:
+    """Augmentation draws from the global torch RNG, which TrainLoop seeds per epoch."""
     transform = TrainAugment(preprocess) if augment else (lambda ims: eval_batch(ims, preprocess))
 
     def make(epoch: int):
-        generator = epoch_generator(seed, epoch, stage)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # augmentation RNG
-        for idx in _batch_indices(len(labels), batch_size, generator):
+        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage)):
             yield transform([images[i] for i in idx.tolist()]), labels[idx]
     count = len(_batch_indices(len(labels), batch_size, torch.Generator().manual_seed(0)))
     return Batches(make, count)
@@ -167,8 +214,10 @@ class TrainLoop:
     def __init__(self, module: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  epochs: int, policy: Policy, stage: str, warmup_epochs: float = 1.0,
                  validate: Callable[[], tuple[float, float]] | None = None,
-                 set_train_mode: Callable[[], None] | None = None, callbacks: Iterable[Callback] = ()):
+                 set_train_mode: Callable[[], None] | None = None, callbacks: Iterable[Callback] = (),
+                 seed: int = 0):
         self.module, self.batches, self.loss_fn, self.optimizer = module, batches, loss_fn, optimizer
+        self.seed = seed
         self.epochs, self.policy, self.stage, self.validate = epochs, policy, stage, validate
         self.set_train_mode = set_train_mode or module.train
         total = max(1, epochs * batches.count)
@@ -186,20 +235,42 @@ class TrainLoop:
             except Exception as exc:
                 raise RuntimeError(f"callback {type(cb).__name__} failed in {name}: {exc}") from exc
 
-    def fit(self) -> list[dict]:
+    def resume_from(self, checkpoint) -> int:
+        """Restore module, optimizer, scheduler, history and callbacks; returns the next epoch."""
+        from .checkpoint import restore_optimizer
+
+        self.module.load_state_dict(checkpoint.part("module."))
+        restore_optimizer(self.optimizer, checkpoint)
+        self.scheduler.load_state_dict(checkpoint.meta["scheduler"] | {"lr_lambdas": [None] * len(
+            self.optimizer.param_groups)})
+        self.history = [row for row in checkpoint.meta["history"] if row["stage"] == self.stage]
+        for cb in self.callbacks:
+            prefix = f"cb.{type(cb).__name__}."
+            cb.load_state(checkpoint.part(prefix), checkpoint.meta["callbacks"].get(type(cb).__name__, {}))
+        log.info("%s: resuming after epoch %d (checkpoint)", self.stage, checkpoint.epoch)
+        return checkpoint.epoch + 1
+
+    def fit(self, resume=None) -> list[dict]:
+        """Train; ``resume`` (a :class:`~transferlab.checkpoint.Checkpoint` of this stage) continues it."""
+        first = self.resume_from(resume) if resume is not None else 1
         self._event("before_fit")
+        epoch = first
         try:
-            for epoch in range(1, self.epochs + 1):
+            for epoch in range(first, self.epochs + 1):
                 row = self._one_epoch(epoch)
                 self.history.append(row)
                 self._event("after_epoch", row)
         except StopTraining:
             pass
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted in {self.stage} epoch {epoch}; the last finished epoch is "
+                                      "checkpointed: run the same command again to resume") from None
         self._event("after_fit")
         return self.history
 
     def _one_epoch(self, epoch: int) -> dict:
         start = time.perf_counter()
+        torch.manual_seed(zlib.crc32(f"global/{self.seed}/{epoch}/{self.stage}".encode()))  # dropout, augmentation
         self.set_train_mode()
         lr = self.optimizer.param_groups[0]["lr"]
         total_loss, correct, seen = 0.0, 0, 0
@@ -212,8 +283,8 @@ class TrainLoop:
                 logits = self.module(x)
             loss = self.loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
-                raise TransferlabError(f"{self.stage} epoch {epoch}: the loss became {loss.item()} "
-                                       "(diverged); lower --lr")
+                raise TransferlabError(f"{self.stage} epoch {epoch}: the loss became {loss.item()} (diverged); "
+                                       "the last finished epoch is checkpointed; lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -227,6 +298,9 @@ class TrainLoop:
                "train_acc": correct / max(1, seen), "val_loss": None, "val_acc": None, "lr": lr}
         if self.validate is not None:
             row["val_loss"], row["val_acc"] = self.validate()
+            if not math.isfinite(row["val_loss"]):
+                raise TransferlabError(f"{self.stage} epoch {epoch}: the validation loss became {row['val_loss']} "
+                                       "(diverged); the last finished epoch is checkpointed; lower --lr")
         row["seconds"] = time.perf_counter() - start
         return row
 
