@@ -125,3 +125,23 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, env=env)
     assert _metrics(out) == _metrics(tmp_path / "reference")
     assert _same_weights(out, tmp_path / "reference")
+
+
+def test_full_disk_keeps_the_previous_model_and_leaves_no_temporary_file(data, reference, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with pytest.raises(TransferlabError, match="No space left on device"):
+        transferlab.train(data, out=out, **OPTIONS)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not [p for p in out.rglob("*.tmp")]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data import Sample, decode_samples
+from .errors import TransferlabError
 from .fileio import atomic_path
 from .precision import Policy
 from .preprocessing import PreprocessConfig
@@ -101,7 +102,7 @@ class FeatureCache:
         try:
             with atomic_path(self._path(key, digest)) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, vector.numpy(), allow_pickle=False)
-        except OSError as exc:  # a full or read-only cache must not stop a run
+        except (OSError, TransferlabError) as exc:  # a full or read-only cache must not stop a run
             log.warning("feature cache: cannot write to %s (%s); continuing without caching", self.root, exc)
             self.root = None
 
