@@ -166,7 +166,7 @@ def test_hash_ignores_paths_and_display_options_but_not_results(grid, tmp_path):
     axes = {"backbones": [TINY_BACKBONE], "strategies": ["freeze"], "optimizers": ["adam"], "heads": ["0"],
             "seeds": [0]}
     name = build_grid(base, axes)[0].name
-    moved = shutil.copytree(data, tmp_path / "elsewhere" / "data")  # copy2 keeps sizes and mtimes
+    moved = shutil.copytree(data, tmp_path / "elsewhere" / "data", copy_function=shutil.copyfile)  # new mtimes
     same = [base.replace(data_dir=str(moved)), base.replace(precision="auto"),
             base.replace(cache_dir=str(tmp_path / "cache")), base.replace(device="cpu")]
     for cfg in same:
@@ -175,6 +175,10 @@ def test_hash_ignores_paths_and_display_options_but_not_results(grid, tmp_path):
         assert build_grid(cfg, axes)[0].name != name
     assert build_grid(base, {**axes, "seeds": [1]})[0].name != name
     make_image(moved / "train" / "red" / "new.png", (200, 0, 0), 5)
+    assert build_grid(base.replace(data_dir=str(moved)), axes)[0].name != name
+    (moved / "train" / "red" / "new.png").unlink()
+    image = moved / "train" / "red" / "red_0.png"
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))  # same size, one bit
     assert build_grid(base.replace(data_dir=str(moved)), axes)[0].name != name
     # epochs default (None) resolves per strategy before hashing: 30 for freeze
     assert build_grid(base.replace(epochs=None), axes)[0].name == build_grid(base.replace(epochs=30), axes)[0].name
@@ -351,11 +355,15 @@ def test_cli_experiment_report_and_study_file(tmp_path):
     (["--strategies", "melt"], "--strategy melt: choose one of"),
     (["--seeds", "0,x"], "--seeds 0,x: 'x' is not a valid value"),
     (["--eval-on", "/nonexistent/folder"], "--eval-on /nonexistent/folder: folder not found"),
+    (["--eval-on", "{other}"], "class 'green' is not one of the training classes"),
 ])
 def test_cli_experiment_errors(tmp_path, argv, message):
     data = make_class_folders(tmp_path / "data", per_class=3)
+    other = make_class_folders(tmp_path / "other", per_class=1, classes=("red", "green"))
+    argv = [a.format(other=other) for a in argv]
     rc, _, err = _cli(["experiment", str(data), "--out", str(tmp_path / "exp"), *TINY_CLI, *argv])
     assert rc == 2
+    assert not (tmp_path / "exp" / "runs").exists()  # nothing trained before the error
     assert err.startswith("transferlab: error: ") and message in err and "Traceback" not in err
 
 

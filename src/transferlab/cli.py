@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by `experiment`
     _configure_logging(getattr(args, "quiet", False))
     from .errors import TransferlabError
-
     from .training import TrainingInterrupted
 
     try:

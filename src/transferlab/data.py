@@ -61,8 +61,29 @@ def _require_dir(path: Path, what: str) -> None:
         raise TransferlabError(f"{what} {path}: not a folder")
 
 
-def _visible_subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _visible_subdirs(path: Path, ignored: list[str] | None = None) -> list[Path]:
+    """Non-hidden sub-folders of ``path``, symlinked ones included, except a symlink to ``path`` itself or
+    to one of its ancestors (``root/loop -> root``): following it would list the tree again under a bogus
+    class name. Such a loop (or a symlink that cannot be resolved) is recorded in ``ignored``."""
+    try:
+        here = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        here = path.absolute()
+    found = []
+    for p in path.iterdir():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+            except (OSError, RuntimeError):
+                target = None
+            if target is None or here.is_relative_to(target):
+                if ignored is not None:
+                    ignored.append(str(p))
+                continue
+        found.append(p)
+    return sorted(found)
 
 
 def _walk_images(folder: Path, ignored: list[str]) -> list[Path]:
@@ -83,7 +104,7 @@ def read_class_folders(folder: Path, what: str = "DATA_DIR", ignored: list[str] 
     """``folder/<class>/**/<image>`` -> samples. Errors: missing folder, no class, class without images."""
     ignored = [] if ignored is None else ignored
     _require_dir(folder, what)
-    class_dirs = _visible_subdirs(folder)
+    class_dirs = _visible_subdirs(folder, ignored)
     if not class_dirs:
         raise TransferlabError(f"{what} {folder}: no class folders inside (expected {folder}/<class>/<image>)")
     samples = []
@@ -205,18 +226,56 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def _open_image(fp, filename: str):
+    """Identify an open image file like ``PIL.Image.open`` does, minus Pillow's decompression-bomb check.
+
+    Pillow checks the declared size right after identification: it *warns* (DecompressionBombWarning) above
+    ``Image.MAX_IMAGE_PIXELS`` (89 MP) and raises above twice that. :func:`load_rgb` applies its own, lower
+    limit (``MAX_IMAGE_PIXELS``, 64 MP) to the declared size before anything is decoded, so Pillow's check
+    would only add a warning printed from a worker thread. The ways to silence it are all process-wide:
+    ``warnings.catch_warnings`` swaps the global filter list (two threads entering and leaving it interleaved
+    leave the wrong filters behind, and ``decode_samples`` decodes in threads while the main thread runs the
+    model), and ``Image.MAX_IMAGE_PIXELS`` is the user's setting. Identifying the file here, with Pillow's
+    own plugin registry, leaves the warning nothing to fire on and touches no global state.
+    Checks inside a plugin (a GIF frame larger than its screen) still run; ``load_rgb`` maps them.
+    """
+    import struct
+
+    from PIL import Image
+
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for loader in (Image.preinit, Image.init):  # common plugins first, then all (as Image.open)
+        loader()
+        for fmt in [f for f in Image.ID if f not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            try:
+                result = not accept or accept(prefix)
+                if result and not isinstance(result, str):
+                    fp.seek(0)
+                    return factory(fp, filename)
+            except (SyntaxError, IndexError, TypeError, struct.error):  # not this format
+                continue
+    raise ImageDecodeError("not an image Pillow can identify")
+
+
 def load_rgb(path: str | os.PathLike, min_side: int | None = None):
     """Open an image file as an upright RGB PIL image, or raise :class:`ImageDecodeError`.
 
     EXIF orientation is applied; palette, grey, CMYK, alpha and 16-bit modes become 8-bit RGB
     (transparency composited on white); truncated files are errors, never grey-filled.
     ``min_side`` lets big JPEGs decode at a reduced scale (draft mode) that is still large enough.
+    A declared size over ``MAX_IMAGE_PIXELS`` is refused before decoding; Pillow's decompression-bomb
+    warning is never emitted for it (see :func:`_open_image`).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    import struct
+
+    from PIL import Image, ImageOps
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as fp, _open_image(fp, str(path)) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ImageDecodeError(f"image too large ({im.width}x{im.height} pixels, "
                                        f"limit {MAX_IMAGE_PIXELS:,})")
@@ -227,18 +286,22 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
             return _to_rgb(im)
     except ImageDecodeError:
         raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image Pillow can identify") from None
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageDecodeError(f"file not found (dangling symlink to {os.readlink(path)})") from None
         raise ImageDecodeError("file not found") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # A check inside a plugin; the warning arrives here as an exception when filters say "error".
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-            ZeroDivisionError, MemoryError, RuntimeError) as exc:
-        # Pillow's decoders raise a range of types for corrupt data; all mean "unusable file".
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
+            ArithmeticError, MemoryError, RuntimeError, Warning) as exc:
+        # Pillow's decoders raise a range of types for corrupt data; all mean "unusable file". A Warning
+        # (corrupt EXIF, ...) is only raised when the warning filters turn it into an error.
         text = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            text = exc.strerror  # the path is known: "Too many levels of symbolic links", "Is a directory"
         if "truncated" in text:
             text = "truncated image file"
         raise ImageDecodeError(f"cannot decode: {text}") from None

@@ -97,26 +97,37 @@ class RunSpec:
                 "axes": self.axes}
 
 
-def _walk_image_files(root: Path) -> list[tuple[str, int, int]]:
-    entries = []
+def _image_digests(root: Path) -> list[tuple[str, str]]:
+    """(path relative to ``root``, content digest) of every image file, sorted; digests in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .features import file_digest
+
+    paths = []
     for dirpath, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            path = Path(dirpath) / name
-            if is_image_file(path):
-                st = path.stat()
-                entries.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return sorted(entries)
+        paths += [Path(dirpath) / name for name in files if is_image_file(Path(dirpath) / name)]
+
+    def digest(path: Path) -> str:
+        try:
+            return file_digest(path)
+        except OSError as exc:  # unreadable: the run reports it; the fingerprint only needs to be stable
+            return f"unreadable:{exc.errno}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(digest, paths))
+    return sorted((p.relative_to(root).as_posix(), d) for p, d in zip(paths, digests, strict=True))
 
 
 def data_fingerprint(data_dir: str | os.PathLike, test_dir: str | os.PathLike | None = None,
                      labels: str | os.PathLike | None = None, weights: str | None = None) -> str:
-    """SHA-256 over the image files (path relative to their folder, size, modification time), the labels
-    CSV's bytes and a weights file's bytes: cheap, and independent of where the folder lives."""
+    """SHA-256 over the image files (path relative to their folder and a digest of the bytes), the labels
+    CSV's bytes and a weights file's bytes: independent of where the folder lives or of file times (a copy
+    or a fresh checkout of the same data finds its runs). Costs one read of the data (as the feature cache)."""
     digest = hashlib.sha256()
     for role, root in (("data", data_dir), ("test", test_dir)):
         if root is not None and Path(root).is_dir():
-            digest.update(json.dumps([role, _walk_image_files(Path(root))]).encode())
+            digest.update(json.dumps([role, _image_digests(Path(root))]).encode())
     for role, path in (("labels", labels), ("weights", weights)):
         if path and path not in ("default", "none") and Path(path).is_file():
             digest.update(f"{role}:{sha256_file(path)}".encode())
@@ -317,6 +328,12 @@ def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.Path
     mapping = class_map if isinstance(class_map, dict) else load_class_map(class_map)
     evals = _eval_names(parse_list(eval_on, "eval-on") if isinstance(eval_on, str) else list(eval_on or []))
     specs = build_grid(base, grid)
+    if evals:  # fail now, not after the first run: every --eval-on class must be one of the training classes
+        from .data import discover
+
+        classes = discover(base.data_dir, base.test_dir, base.labels).classes
+        for _, path in evals:
+            _eval_samples(path, classes, mapping, strict=True)
     exp_dir = check_writable_dir(out)
     runs_dir, shared = exp_dir / RUNS_DIR, exp_dir / SHARED_DIR
 
@@ -612,8 +629,9 @@ def mcnemar_runs(a: dict, b: dict) -> dict | None:
 # ---------------------------------------------------------------------------- reference rows and leakage
 
 
-def _eval_samples(path: str, classes: list[str], mapping: dict):
-    """The samples ``evaluate`` would score for an --eval-on folder, with model class indices."""
+def _eval_samples(path: str, classes: list[str], mapping: dict, strict: bool = False):
+    """The samples ``evaluate`` would score for an --eval-on folder, labelled with the model's class names
+    (``strict``: a class that is not one of the model's is an error, as in ``evaluate``)."""
     from .data import Sample, discover, read_class_folders
 
     data_dir = Path(path)
@@ -622,9 +640,11 @@ def _eval_samples(path: str, classes: list[str], mapping: dict):
         samples = discover(data_dir).test
     else:
         samples = read_class_folders(data_dir, "DATA_DIR")
-    index = {c: i for i, c in enumerate(classes)}
-    return [Sample(s.path, mapping.get(s.label, s.label)) for s in samples
-            if mapping.get(s.label, s.label) in index]
+    unknown = sorted({s.label for s in samples if mapping.get(s.label, s.label) not in classes})
+    if strict and unknown:
+        raise TransferlabError(f"--eval-on {path}: class '{unknown[0]}' is not one of the training classes "
+                               f"({', '.join(classes)}); map it with --class-map")
+    return [Sample(s.path, mapping.get(s.label, s.label)) for s in samples if mapping.get(s.label, s.label) in classes]
 
 
 def compute_references(exp_dir: str | os.PathLike) -> dict | None:

@@ -124,11 +124,11 @@ def comparison_png(labels: list[str], values: dict[str, list[float | None]], err
         for p, v, e in zip(pos, vals, xerr, strict=True):
             if not np.isnan(v):
                 text = f"{v:.3f}" + (f" ± {e:.3f}" if e else "")
-                ax.text(min(v + e, 1.0) + 0.005, p, text, va="center", fontsize=7)
+                ax.text(min(v + e, 1.0) + 0.008, p, text, va="center", fontsize=7)
     for s in separators or []:
         ax.axhline(s - 0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_yticks(y, labels, fontsize=9)
-    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)  # first configuration on top, no empty margin
     ax.set_xlim(0, 1.18)
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel("score")
