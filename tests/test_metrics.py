@@ -206,7 +206,7 @@ def test_write_json_failed_replace_keeps_old_content(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(fileio.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TransferlabError, match="out.json: cannot write \\(disk full\\)"):
         fileio.write_json(target, {"version": 2})
     monkeypatch.undo()
     assert fileio.read_json(target) == {"version": 1}

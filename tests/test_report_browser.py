@@ -62,6 +62,10 @@ def open_report(report: Path, screenshot: Path | None = None, width: int = 1280)
             "return Array.from(document.querySelectorAll('[src],[href]')).map(function (e) {"
             " return e.getAttribute('src') || e.getAttribute('href'); })"
             ".filter(function (u) { return !/^(data:|#)/.test(u); });")
+        if screenshot is not None:  # the page as it opens, full height
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            driver.set_window_size(width, min(int(height) + 100, 16000))
+            driver.save_screenshot(str(screenshot))
         # sorting: click the accuracy header twice (descending), read the column back
         sorted_values = driver.execute_script(
             "var t = document.querySelector('table.results'); var head = t.tHead.rows[0].cells; var i = -1;"
@@ -69,10 +73,6 @@ def open_report(report: Path, screenshot: Path | None = None, width: int = 1280)
             "head[i].click(); head[i].click();"
             "return Array.from(t.tBodies[0].rows).map(function (r) { return parseFloat(r.cells[i].dataset.v); });")
         console = driver.get_log("browser")
-        if screenshot is not None:
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(width, min(int(height) + 100, 16000))
-            driver.save_screenshot(str(screenshot))
         return {"images": images, "tables": tables, "external": external, "console": console,
                 "sorted": sorted_values, "title": driver.title}
     finally:
