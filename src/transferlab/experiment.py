@@ -756,14 +756,15 @@ def _fit_probe(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = min(5, int(np.bincount(y).min()))
+    folds = min(3, int(np.bincount(y).min()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny or separable data
         if folds >= 2:
-            lr = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7).tolist(), max_iter=2000,
+            # A small C grid and 3 folds keep the probe to seconds on thousands of images.
+            lr = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], max_iter=500,
                                       cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
         else:
-            lr = LogisticRegression(C=1.0, max_iter=2000)
+            lr = LogisticRegression(C=1.0, max_iter=500)
         model = make_pipeline(StandardScaler(), lr).fit(x, y)
     c = lr.C_[0] if hasattr(lr, "C_") else lr.C
     return {"model": model, "C": float(c)}
