@@ -338,3 +338,20 @@ def test_evaluate_a_train_test_layout_uses_its_test_split(freeze_run, tiny_split
     assert metrics["n_test"] == 6  # the 3 + 3 images of val/, not the 16 of train/
     report = _read_json(tmp_path / "eval" / "data_report.json")
     assert report["layout"] == "test split" and report["counts"]["evaluation"] == {"blue": 3, "red": 3}
+
+
+def test_imbalanced_95_to_5_keeps_both_classes_in_test_without_warnings(tmp_path):
+    import warnings
+
+    root = tmp_path / "imbalanced"
+    for i in range(57):
+        make_image(root / "red" / f"r{i}.png", COLORS["red"], seed=i)
+    for i in range(3):
+        make_image(root / "blue" / f"b{i}.png", COLORS["blue"], seed=100 + i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no zero-division or other warning spam
+        run = transferlab.train(root, out=tmp_path / "run", strategy="freeze", epochs=2, class_weights="balanced",
+                                **TINY)
+    metrics = run.metrics
+    assert metrics["per_class"]["blue"]["support"] >= 1 and metrics["per_class"]["red"]["support"] >= 1
+    assert metrics["n_test"] == 12  # round(0.2 * 57) + max(1, round(0.2 * 3))
