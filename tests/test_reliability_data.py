@@ -126,10 +126,8 @@ def _odd_images(root: Path, outside: Path) -> dict[Path, tuple]:
 def _bad_files(root: Path) -> dict[Path, str]:
     """Files that must be skipped (train) or answered with an error line (predict): path -> reason regex."""
     red, blue = root / "red", root / "blue"
-    make_image(root / "tmp.jpg", COLORS["red"], 5, size=(120, 90), fmt="JPEG")
-    raw = (root / "tmp.jpg").read_bytes()
-    (root / "tmp.jpg").unlink()
     bad = {}
+    raw = make_image(red / "truncated.jpg", COLORS["red"], 5, size=(120, 90), fmt="JPEG").read_bytes()
     (red / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
     bad[red / "truncated.jpg"] = "truncated"
     (red / "empty.jpg").write_bytes(b"")
@@ -375,17 +373,28 @@ def test_bomb_refused_before_pillow_warns_and_filters_untouched(tmp_path):
     assert list(warnings.filters) == filters and Image.MAX_IMAGE_PIXELS == limit
 
 
-def test_bomb_inside_a_plugin_is_a_decode_error_even_when_warnings_are_errors(tmp_path):
+def test_gif_frame_larger_than_its_screen_is_refused_without_warning(tmp_path):
     p = tmp_path / "frame.gif"
-    p.write_bytes(gif_with_frame_extent(10_000, 10_000))  # Pillow's GIF reader checks this itself
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(ImageDecodeError, match="^decompression bomb: Image size"):
-            load_rgb(p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    p.write_bytes(gif_with_frame_extent(10_000, 10_000))  # Pillow's GIF reader would warn while opening
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with pytest.raises(ImageDecodeError, match=r"too large \(10000x10000"):
             load_rgb(p)
+    assert [w.category.__name__ for w in caught] == []
+
+
+def test_pillow_bomb_check_is_a_decode_error(tmp_path, monkeypatch):
+    """Should Pillow's own check fire (here: our limit raised above Pillow's), it is an ImageDecodeError."""
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10**12)
+    warns, fails = tmp_path / "warns.gif", tmp_path / "fails.gif"
+    warns.write_bytes(gif_with_frame_extent(10_000, 10_000))  # Pillow warns (> 89 MP)
+    fails.write_bytes(gif_with_frame_extent(30_000, 30_000))  # Pillow raises (> 179 MP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user's filters turn warnings into exceptions
+        with pytest.raises(ImageDecodeError, match="^decompression bomb: Image size"):
+            load_rgb(warns)
+    with pytest.raises(ImageDecodeError, match="^decompression bomb: Image size"):
+        load_rgb(fails)
 
 
 def test_big_jpeg_decodes_in_draft_mode(tmp_path, monkeypatch):

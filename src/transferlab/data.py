@@ -9,6 +9,7 @@ import csv
 import logging
 import os
 import random
+import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -226,24 +227,49 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(f"image too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS:,})")
+
+
+def _gif_size(fp) -> tuple[int, int]:
+    """The size Pillow's GIF reader gives an image: its screen, grown to cover the first frame."""
+    fp.seek(6)
+    width, height, flags = struct.unpack("<HHB", fp.read(5))
+    fp.seek(2 + (3 << (flags & 7) + 1 if flags & 0x80 else 0), 1)  # background, aspect, global palette
+    while (block := fp.read(1)) and block != b";":
+        if block == b"!":  # an extension: its label, then sub-blocks up to an empty one
+            fp.read(1)
+            while (n := fp.read(1)) and n[0]:
+                fp.seek(n[0], 1)
+        elif block == b",":  # the first frame: x0, y0, width, height
+            x0, y0, w, h = struct.unpack("<4H", fp.read(8))
+            return max(width, x0 + w), max(height, y0 + h)
+    return width, height
+
+
 def _open_image(fp, filename: str):
-    """Identify an open image file like ``PIL.Image.open`` does, minus Pillow's decompression-bomb check.
+    """Identify an open image file like ``PIL.Image.open`` does, with our size limit in place of Pillow's.
 
-    Pillow checks the declared size right after identification: it *warns* (DecompressionBombWarning) above
-    ``Image.MAX_IMAGE_PIXELS`` (89 MP) and raises above twice that. :func:`load_rgb` applies its own, lower
-    limit (``MAX_IMAGE_PIXELS``, 64 MP) to the declared size before anything is decoded, so Pillow's check
-    would only add a warning printed from a worker thread. The ways to silence it are all process-wide:
-    ``warnings.catch_warnings`` swaps the global filter list (two threads entering and leaving it interleaved
-    leave the wrong filters behind, and ``decode_samples`` decodes in threads while the main thread runs the
-    model), and ``Image.MAX_IMAGE_PIXELS`` is the user's setting. Identifying the file here, with Pillow's
-    own plugin registry, leaves the warning nothing to fire on and touches no global state.
-    Checks inside a plugin (a GIF frame larger than its screen) still run; ``load_rgb`` maps them.
+    Pillow checks the declared size while opening: it *warns* (DecompressionBombWarning) above
+    ``Image.MAX_IMAGE_PIXELS`` (89 MP) and raises above twice that. We refuse more than ``MAX_IMAGE_PIXELS``
+    (64 MP) before anything is decoded, so Pillow's check could only add a warning, printed from a worker
+    thread. The ways to silence a warning are process-wide: ``warnings.catch_warnings`` swaps the global
+    filter list (threads entering and leaving it interleaved leave the wrong filters behind, and
+    ``decode_samples`` decodes in threads while the main thread runs the model), and ``Image.MAX_IMAGE_PIXELS``
+    is the user's setting. So the file is identified here, with Pillow's own plugin registry, which skips
+    ``Image.open``'s check, and our limit is applied first. The GIF reader checks a first frame larger than
+    the screen while identifying, so that size is read from the GIF header before. Checks left in other
+    plugins (ICO, multi-frame formats) are turned into ImageDecodeError by ``load_rgb``.
     """
-    import struct
-
     from PIL import Image
 
     prefix = fp.read(16)
+    if prefix[:6] in (b"GIF87a", b"GIF89a"):
+        try:
+            _check_size(*_gif_size(fp))
+        except struct.error:  # a truncated header: Pillow's reader reports it
+            pass
     tried: set[str] = set()
     for loader in (Image.preinit, Image.init):  # common plugins first, then all (as Image.open)
         loader()
@@ -254,7 +280,9 @@ def _open_image(fp, filename: str):
                 result = not accept or accept(prefix)
                 if result and not isinstance(result, str):
                     fp.seek(0)
-                    return factory(fp, filename)
+                    im = factory(fp, filename)
+                    _check_size(im.width, im.height)
+                    return im
             except (SyntaxError, IndexError, TypeError, struct.error):  # not this format
                 continue
     raise ImageDecodeError("not an image Pillow can identify")
@@ -266,19 +294,14 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
     EXIF orientation is applied; palette, grey, CMYK, alpha and 16-bit modes become 8-bit RGB
     (transparency composited on white); truncated files are errors, never grey-filled.
     ``min_side`` lets big JPEGs decode at a reduced scale (draft mode) that is still large enough.
-    A declared size over ``MAX_IMAGE_PIXELS`` is refused before decoding; Pillow's decompression-bomb
-    warning is never emitted for it (see :func:`_open_image`).
+    A declared size over ``MAX_IMAGE_PIXELS`` is refused before decoding, and Pillow's decompression-bomb
+    warning is not triggered for it (see :func:`_open_image`).
     """
-    import struct
-
     from PIL import Image, ImageOps
 
     path = Path(path)
     try:
         with open(path, "rb") as fp, _open_image(fp, str(path)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(f"image too large ({im.width}x{im.height} pixels, "
-                                       f"limit {MAX_IMAGE_PIXELS:,})")
             if min_side and im.format == "JPEG":
                 im.draft("RGB", (min_side, min_side))
             im.load()
@@ -293,7 +316,7 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # A check inside a plugin; the warning arrives here as an exception when filters say "error".
+        # A check left in a plugin; the warning arrives here as an exception when filters say "error".
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
             ArithmeticError, MemoryError, RuntimeError, Warning) as exc:
