@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export TRANSFERLAB_OFFLINE ?= 1
 
-.PHONY: install demo test verify lint clean
+.PHONY: install demo test verify bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(STAMP)
 # Long accuracy checks on real data.
 verify: $(STAMP)
 	$(BIN)/python -m pytest -m slow ; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+# Naive tutorial loop vs transferlab on the bundled data; prints ratios measured in this one run.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py data/hymenoptera --out runs/bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
