@@ -145,3 +145,31 @@ def test_full_disk_keeps_the_previous_model_and_leaves_no_temporary_file(data, r
         transferlab.train(data, out=out, **OPTIONS)
     assert (out / "model.safetensors").read_bytes() == before
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_resume_flag_requires_a_checkpoint(data, tmp_path, capsys):
+    from transferlab.cli import main
+
+    with pytest.raises(TransferlabError, match="no checkpoint to resume"):
+        transferlab.train(data, out=tmp_path / "fresh", resume=True, **OPTIONS)
+    args = ["train", str(data), "--out", str(tmp_path / "fresh-cli"), "--resume", "--backbone", TINY["backbone"],
+            "--weights", "none", "--image-size", "64", "--epochs", "1", "--strategy", "freeze"]
+    assert main(args) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_resume_flag_continues_an_interrupted_run(data, reference, tmp_path, monkeypatch):
+    original = EpochLogger.after_epoch
+
+    def interrupt(self, loop, row):
+        original(self, loop, row)
+        if loop.stage == "finetune" and row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(EpochLogger, "after_epoch", interrupt)
+    with pytest.raises(TrainingInterrupted):
+        transferlab.train(data, out=out, **OPTIONS)
+    monkeypatch.setattr(EpochLogger, "after_epoch", original)
+    transferlab.train(data, out=out, resume=True, **OPTIONS)
+    assert _metrics(out) == _metrics(reference)

@@ -66,7 +66,8 @@ def load_run(directory: str | os.PathLike, precision: str = "auto", device: str 
 
 
 def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "run",
-          config: TrainConfig | None = None, shared_dir: str | os.PathLike | None = None, **options) -> Run:
+          config: TrainConfig | None = None, shared_dir: str | os.PathLike | None = None, resume: bool = False,
+          **options) -> Run:
     """Train a classifier on an image folder and write a run directory.
 
     ``options`` are :class:`TrainConfig` fields (``strategy="freeze"``, ``head="512x128"``, ...) and
@@ -87,6 +88,8 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
 
     checkpoint_config = _with_absolute_paths(cfg).to_dict()
     checkpoint = load_checkpoint(out, checkpoint_config)  # a killed or interrupted run continues
+    if resume and checkpoint is None:
+        raise TransferlabError(f"--resume: {out} holds no checkpoint to resume (the run finished or never started)")
     started = time.perf_counter()
     seed_everything(cfg.seed)
     policy = resolve_policy(cfg.precision, cfg.device)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="?", help="class-per-subfolder image tree")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", help="config.json of an earlier run to re-create (options given here override)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (re-running the "
+                   "same command without it resumes too; with it, a missing checkpoint is an error)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     _add_train_options(p)
 
@@ -145,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(saved["train"])
     elif not args.data_dir:
         raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
-    run = train(args.data_dir, out=args.out, config=config, **options)
+    run = train(args.data_dir, out=args.out, config=config, resume=args.resume, **options)
     print(_summary(run.metrics))
     print(f"run directory: {run.directory}  (model.safetensors, config.json, metrics.json, history.csv, "
           "confusion_matrix.png, class_distribution.png, training_curves.png, data_report.json)")
