@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -15,21 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import make_class_folders
 
-from transferlab import progress
 from transferlab.cli import main
 
 TINY_ARGS = ["--backbone", "timm/test_efficientnet", "--weights", "none", "--image-size", "64", "--batch-size", "8",
              "--precision", "fp32", "--epochs", "2", "--strategy", "freeze"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() points the 'transferlab' logger at the current stderr; put it back for the tests after these."""
-    log = logging.getLogger("transferlab")
-    saved = log.handlers[:], log.level, log.propagate, progress._quiet
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-    progress.set_quiet(saved[3])
 
 
 def _read_json(path: Path):
@@ -41,15 +29,9 @@ def cli_run(tmp_path_factory):
     """`transferlab train` once on two easy classes; returns (data, run_dir, exit status, stdout)."""
     root = tmp_path_factory.mktemp("cli")
     data = make_class_folders(root / "data")
-    log = logging.getLogger("transferlab")
-    saved = log.handlers[:], log.level, log.propagate, progress._quiet
     stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = main(["train", str(data), "--out", str(root / "run"), *TINY_ARGS])
-    finally:
-        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-        progress.set_quiet(saved[3])
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["train", str(data), "--out", str(root / "run"), *TINY_ARGS])
     return data, root / "run", rc, stdout.getvalue()
 
 
@@ -247,3 +229,15 @@ def test_user_error_in_a_real_process_prints_no_traceback(tiny_data_dir, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("transferlab: error: --backbone timm/no_such_model")
     assert all(not line.startswith("transferlab: error:") for line in lines[:-1])
+
+
+def test_main_leaves_the_logger_and_progress_setting_as_it_found_them(tmp_path, capsys):
+    import logging
+
+    from transferlab import progress
+
+    log = logging.getLogger("transferlab")
+    before = log.handlers[:], log.level, log.propagate, progress.bars_quiet()
+    assert main(["-q", "train", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    assert (log.handlers[:], log.level, log.propagate, progress.bars_quiet()) == before
+    assert "transferlab: error:" in capsys.readouterr().err

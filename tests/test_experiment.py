@@ -7,7 +7,6 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import pytest
 from conftest import TINY, TINY_BACKBONE, make_class_folders, make_image
 
 import transferlab
-from transferlab import TrainConfig, TransferlabError, progress
+from transferlab import TrainConfig, TransferlabError
 from transferlab.cli import main
 from transferlab.experiment import (
     build_grid,
@@ -34,15 +33,6 @@ from transferlab.run import Run
 OPTIONS = {k: v for k, v in TINY.items() if k != "backbone"}
 TINY_CLI = ["--backbones", TINY_BACKBONE, "--weights", "none", "--image-size", "64", "--batch-size", "8",
             "--precision", "fp32"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    log = logging.getLogger("transferlab")
-    saved = log.handlers[:], log.level, log.propagate, progress._quiet
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-    progress.set_quiet(saved[3])
 
 
 def _rows(path: Path) -> list[dict]:

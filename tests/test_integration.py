@@ -6,14 +6,12 @@ Training happens once per module (strategy freeze, every other setting at its de
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import pytest
 from conftest import need_shared
 
 import transferlab
-from transferlab import progress
 from transferlab.cli import main
 from transferlab.data import is_image_file
 
@@ -50,13 +48,7 @@ def test_predict_bees(hymenoptera_run, capsys):
     data, run_dir, _ = hymenoptera_run
     bees = data / "val" / "bees"
     expected = sorted(str(p) for p in bees.iterdir() if is_image_file(p))
-    log = logging.getLogger("transferlab")
-    saved = log.handlers[:], log.level, log.propagate, progress._quiet
-    try:
-        rc = main(["predict", str(run_dir), str(bees), "--top-k", "2"])
-    finally:
-        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-        progress.set_quiet(saved[3])
+    rc = main(["predict", str(run_dir), str(bees), "--top-k", "2"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0
     assert sorted(r["path"] for r in rows) == expected  # one line per image

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import io
 import json
-import logging
 import os
 import re
 import struct
@@ -26,7 +25,7 @@ import torch
 from conftest import COLORS, make_image
 from PIL import Image
 
-from transferlab import data, progress
+from transferlab import data
 from transferlab.cli import main
 from transferlab.data import ImageDecodeError, Sample, decode_for_model, decode_samples, discover, load_rgb
 from transferlab.errors import TransferlabError
@@ -186,18 +185,12 @@ def corpus(tmp_path_factory):
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str, list]:
-    """main(argv) with stdout/stderr captured, every warning recorded, and the logger put back afterwards."""
-    log = logging.getLogger("transferlab")
-    saved = log.handlers[:], log.level, log.propagate, progress._quiet
+    """main(argv) with stdout/stderr captured and every warning recorded."""
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rc = main(argv)
-    finally:
-        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-        progress.set_quiet(saved[3])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(argv)
     return rc, out.getvalue(), err.getvalue(), caught
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -112,15 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(quiet: bool) -> None:
-    from .progress import set_quiet
+@contextlib.contextmanager
+def _command_logging(quiet: bool):
+    """Log lines to the current stderr while a command runs; put the logger and progress setting back
+    afterwards, so calling main() in-process (tests, notebooks) leaves no global state behind."""
+    from . import progress
 
-    set_quiet(quiet)
+    saved = log.handlers[:], log.level, log.propagate, progress.bars_quiet()
+    progress.set_quiet(quiet)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+        progress.set_quiet(saved[3])
 
 
 def _summary(metrics: dict) -> str:
@@ -232,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by `experiment`
-    _configure_logging(getattr(args, "quiet", False))
     from .errors import TransferlabError
     from .training import TrainingInterrupted
 
     try:
-        return COMMANDS[args.command](args)
+        with _command_logging(getattr(args, "quiet", False)):
+            return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(f"transferlab: {exc}", file=sys.stderr)
         return 130

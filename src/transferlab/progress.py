@@ -13,6 +13,10 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def bars_quiet() -> bool:
+    return _quiet
+
+
 def bars_enabled() -> bool:
     return not _quiet and sys.stderr.isatty()
 
