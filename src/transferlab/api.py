@@ -180,14 +180,7 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
                               checkpoint if checkpoint is not None and checkpoint.stage == "finetune" else None)
     train_seconds = time.perf_counter() - train_started
 
-    model.eval()
-    with torch.no_grad():
-        if cfg.strategy == "freeze":
-            logits = model.head(test_split.features.to(policy.device)).float().cpu()
-        else:
-            from .training import predict_in_batches
-
-            logits = predict_in_batches(model, test_split.images, preprocess, policy, desc="testing")
+    logits = _test_logits(model, cfg, policy, preprocess, test_split, cache)
     from .metrics import compute_metrics
 
     test_probs = torch.softmax(logits, 1).numpy()
@@ -222,6 +215,27 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     return Run(out, read_json(out / CONFIG_FILE), model, policy)
 
 
+@torch.no_grad()
+def _test_logits(model, cfg: TrainConfig, policy: Policy, preprocess, test_split: _Split, cache) -> torch.Tensor:
+    """Logits for the test split: a frozen run applies its head to cached features (one feature set per
+    view with ``--tta``), a fine-tuned run runs the whole model on the decoded images."""
+    from .training import average_views, predict_logits
+
+    model.eval()
+    if cfg.strategy != "freeze":
+        return predict_logits(model, test_split.images, preprocess, policy, tta=cfg.tta, desc="testing")
+    per_view = [test_split.features]
+    if cfg.tta:
+        from .features import compute_features
+        from .preprocessing import TTA_VIEWS
+
+        for view in TTA_VIEWS[1:]:
+            found = compute_features(test_split.samples, model, preprocess, policy, cache, view=view).features
+            per_view.append(torch.stack([found[s] for s in test_split.samples]))
+    logits = [model.head(f.to(policy.device)).float().cpu() for f in per_view]
+    return average_views(logits) if cfg.tta else logits[0]
+
+
 def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Paths in config.json are absolute, so ``train --config`` works from any working directory."""
     absolute = {k: str(Path(v).resolve()) for k in ("data_dir", "test_dir", "labels", "cache_dir")
@@ -234,6 +248,12 @@ def _class_weights(cfg: TrainConfig, split: _Split, num_classes: int) -> torch.T
         return None
     counts = torch.bincount(split.labels, minlength=num_classes).float()
     return len(split) / (num_classes * counts.clamp(min=1))
+
+
+def _sample_weights(cfg: TrainConfig, split: _Split) -> torch.Tensor | None:
+    from .training import balanced_weights
+
+    return balanced_weights(split.labels) if cfg.sampler == "balanced" else None
 
 
 def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, train_split: _Split,
@@ -254,7 +274,8 @@ def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, t
             with torch.no_grad():
                 logits = head(val_x)
                 return float(loss_fn(logits, val_y)), float((logits.argmax(1) == val_y).float().mean())
-    loop = TrainLoop(head, feature_batches(train_split.features, train_split.labels, cfg.batch_size, cfg.seed, "head"),
+    loop = TrainLoop(head, feature_batches(train_split.features, train_split.labels, cfg.batch_size, cfg.seed, "head",
+                                           _sample_weights(cfg, train_split)),
                      loss_fn, optimizer, epochs, fp32, "head", cfg.warmup_epochs, validate, head.train,
                      _callbacks(cfg, saver), seed=cfg.seed)
     return loop.fit(resume)
@@ -288,7 +309,7 @@ def _fine_tune(model, cfg: TrainConfig, policy: Policy, loss_fn, preprocess, tra
             return float(loss_fn(logits.to(policy.device), val_y.to(policy.device))), \
                 float((logits.argmax(1) == val_y).float().mean())
     batches = image_batches(train_split.images, train_split.labels, cfg.batch_size, cfg.seed, "finetune",
-                            preprocess, cfg.augment)
+                            preprocess, cfg.augment, _sample_weights(cfg, train_split))
     loop = TrainLoop(model, batches, loss_fn, optimizer, cfg.epochs, policy, "finetune", cfg.warmup_epochs,
                      validate, lambda: set_train_mode(model, cfg.bn), _callbacks(cfg, saver), seed=cfg.seed)
     return loop.fit(resume)
@@ -405,7 +426,7 @@ def load_class_map(value: str | None) -> dict[str, str]:
 
 
 def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-             class_map: dict[str, str] | str | None = None, strict: bool = False) -> dict:
+             class_map: dict[str, str] | str | None = None, strict: bool = False, tta: bool | None = None) -> dict:
     """Evaluate a trained run on another image folder (classes matched by name, subsets allowed).
 
     ``data_dir`` is a class-folder tree, or a dataset with a train/test layout (its test split is used).
@@ -413,6 +434,8 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     RUN_DIR/evaluations/<folder name>) and returns the metrics.
     """
     run = run if isinstance(run, Run) else Run.load(run)
+    if tta is not None:
+        run.tta = tta
     mapping = class_map if isinstance(class_map, dict) else load_class_map(class_map)
     data_dir = Path(data_dir)
     names = {p.name.lower() for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set()
@@ -440,6 +463,7 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
 
     metrics = compute_metrics(y_true, probs, run.classes)
     metrics["data_dir"] = str(data_dir.resolve())
+    metrics["tta"] = run.tta
     write_json(out / "metrics.json", metrics)
     counts = class_counts([Sample(s.path, run.classes[index_of[s]]) for s in decoded.samples], run.classes)
     write_json(out / "data_report.json", {"data_dir": str(data_dir.resolve()), "layout": layout,

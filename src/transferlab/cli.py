@@ -44,6 +44,11 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
     add("--batch-size", type=int, default=S, help="default: 32")
     add("--label-smoothing", type=float, default=S, help="default: 0.1")
     add("--class-weights", default=S, choices=["none", "balanced"], help="loss weights per class (none)")
+    add("--sampler", default=S, choices=["shuffle", "balanced"],
+        help="balanced: draw every class equally often in each epoch (default: shuffle)")
+    add("--tta", action=argparse.BooleanOptionalAction, default=S,
+        help="test-time augmentation: average 4 views (centre, flip, whole image, its flip); "
+             "evaluate and predict inherit it (default: off)")
     add("--no-augment", dest="augment", action="store_false", default=S,
         help="no random resized crop + flip while fine-tuning")
     add("--test-size", type=float, default=S, help="test fraction when DATA_DIR has no test folder (0.2)")
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN_DIR/evaluations/<name>)")
     p.add_argument("--class-map", help="JSON object (inline or file): dataset class -> model class")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
     p = sub.add_parser("predict", help="predict classes of images; one JSON line per image")
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
     sub.add_parser("backbones", help="list the registered backbones")
@@ -167,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
 
-    metrics = evaluate(args.run_dir, args.data_dir, out=args.out, class_map=args.class_map, strict=args.strict)
+    metrics = evaluate(args.run_dir, args.data_dir, out=args.out, class_map=args.class_map, strict=args.strict,
+                       tta=args.tta)
     print(_summary(metrics))
     return 0
 
@@ -176,6 +184,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .run import Run
 
     run = Run.load(args.run_dir, precision=args.precision, device=args.device)
+    if args.tta is not None:
+        run.tta = args.tta
     failed = 0
     for row in run.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size):
         failed += "error" in row

@@ -23,6 +23,7 @@ DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "adam": 0.0, "sgd": 1e-4}
 DEFAULT_EPOCHS = {"freeze": 30, "unfreeze": 8, "partial": 8}
 CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     batch_size: int = 32
     label_smoothing: float = 0.1
     class_weights: str = "none"
+    sampler: str = "shuffle"  # balanced: each epoch draws classes equally often (with replacement)
+    tta: bool = False  # test-time augmentation for the test split; evaluate/predict inherit it
     augment: bool = True
     test_size: float = 0.2
     val_size: float = 0.0
@@ -98,6 +101,7 @@ class TrainConfig:
         choice("pool", self.pool, POOL_MODES)
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("class-weights", self.class_weights, CLASS_WEIGHTS)
+        choice("sampler", self.sampler, SAMPLERS)
         choice("precision", self.precision, PRECISIONS)
         choice("device", self.device, DEVICES)
         parse_head_spec(self.head)

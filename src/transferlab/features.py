@@ -49,8 +49,9 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def model_key(model, preprocess: PreprocessConfig, policy: Policy) -> str:
-    """Hash of everything that changes a pooled feature vector of ``model.features``."""
+def model_key(model, preprocess: PreprocessConfig, policy: Policy, view: str = "center") -> str:
+    """Hash of everything that changes a pooled feature vector of ``model.features`` (``view``: which
+    deterministic view of the image, see :data:`~transferlab.preprocessing.TTA_VIEWS`)."""
     import timm
     import torchvision
 
@@ -60,6 +61,8 @@ def model_key(model, preprocess: PreprocessConfig, policy: Policy) -> str:
     spec = {"backbone": model.backbone.name, "pool": model.pool, "preprocess": preprocess.to_dict(),
             "precision": policy.precision, "device": policy.device, "transferlab": __version__,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    if view != "center":  # keys of centre-crop features stay as they were before views existed
+        spec["view"] = view
     digest.update(json.dumps(spec, sort_keys=True).encode())
     for name, tensor in model.backbone.state_dict().items():
         digest.update(name.encode())
@@ -109,12 +112,12 @@ class FeatureCache:
 
 def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig, policy: Policy,
                      cache: FeatureCache, images: dict[Sample, torch.Tensor] | None = None,
-                     strict: bool = False, batch_size: int = 64) -> FeatureResult:
+                     strict: bool = False, batch_size: int = 64, view: str = "center") -> FeatureResult:
     """Pooled features of ``model.features`` (model in eval mode) for each sample, from the cache where
     possible. Images are decoded only for cache misses (or taken from ``images`` when given)."""
     from .training import predict_in_batches
 
-    key = model_key(model, preprocess, policy) if cache.root is not None else ""
+    key = model_key(model, preprocess, policy, view) if cache.root is not None else ""
     result = FeatureResult({})
     todo: list[tuple[Sample, str | None]] = []
     if cache.root is not None:
@@ -143,7 +146,8 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
             decoded = decode_samples(missing, preprocess, strict=strict, desc="decoding images")
             good, pixels, result.skipped = decoded.samples, decoded.images, decoded.skipped
         model.eval()
-        vectors = predict_in_batches(model.features, pixels, preprocess, policy, batch_size, desc="features")
+        vectors = predict_in_batches(model.features, pixels, preprocess, policy, batch_size,
+                                     desc="features" if view == "center" else f"features ({view})", view=view)
         digest_of_sample = dict(todo)
         for sample, vector in zip(good, vectors, strict=True):
             vector = vector.clone()
@@ -152,5 +156,6 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
                 cache.put(key, digest_of_sample[sample], vector)
         result.misses = len(good)
     if cache.root is not None:
-        log.info("features: %d from cache, %d computed", result.hits, result.misses)
+        log.info("features%s: %d from cache, %d computed", "" if view == "center" else f" ({view})",
+                 result.hits, result.misses)
     return result

@@ -70,9 +70,31 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
-def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig) -> torch.Tensor:
-    """Decoded uint8 images (short side = resize_size) -> normalised float batch."""
-    return _normalize(torch.stack([center_crop(im, cfg.input_size) for im in images]), cfg)
+# Deterministic views for test-time augmentation (``--tta``): the centre crop the weights expect, its
+# mirror image, and the same two at crop fraction 1.0 (the whole short side, so objects near the border
+# are kept). Deterministic views also make per-view frozen features cacheable.
+TTA_VIEWS = ("center", "flip", "full", "full_flip")
+
+
+def _view(image: torch.Tensor, cfg: PreprocessConfig, view: str) -> torch.Tensor:
+    if view.startswith("full"):
+        from torchvision.transforms.v2 import functional as F
+
+        _, h, w = image.shape
+        if min(h, w) != cfg.input_size:
+            scale = cfg.input_size / min(h, w)
+            size = [max(cfg.input_size, round(h * scale)), max(cfg.input_size, round(w * scale))]
+            image = F.resize(image, size, interpolation=F.InterpolationMode(cfg.interpolation), antialias=True)
+    image = center_crop(image, cfg.input_size)
+    return image.flip(-1) if view.endswith("flip") else image
+
+
+def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig, view: str = "center") -> torch.Tensor:
+    """Decoded uint8 images (short side = resize_size) -> normalised float batch of one view
+    (``center``, the default, or another of :data:`TTA_VIEWS`)."""
+    if view not in TTA_VIEWS:
+        raise ValueError(f"view must be one of {TTA_VIEWS}, got {view!r}")
+    return _normalize(torch.stack([_view(im, cfg, view) for im in images]), cfg)
 
 
 class TrainAugment:

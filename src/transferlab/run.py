@@ -62,6 +62,7 @@ class Run:
         self.policy = policy or resolve_policy(config.get("policy", {}).get("precision", "auto"))
         self.classes: list[str] = list(config["classes"])
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
+        self.tta: bool = bool(config.get("train", {}).get("tta", False))  # test-time augmentation
 
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, backbone={self.config['backbone']['name']!r}, classes={self.classes})"
@@ -124,11 +125,12 @@ class Run:
 
     @torch.no_grad()
     def predict_tensors(self, images: list[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
-        """Class probabilities for decoded images (uint8, short side = resize_size)."""
-        from .training import predict_in_batches
+        """Class probabilities for decoded images (uint8, short side = resize_size); averaged over the
+        test-time augmentation views when ``self.tta``."""
+        from .training import predict_logits
 
         self.model.eval()
-        logits = predict_in_batches(self.model, images, self.preprocess, self.policy, batch_size)
+        logits = predict_logits(self.model, images, self.preprocess, self.policy, self.tta, batch_size)
         return torch.softmax(logits, dim=1) if len(logits) else logits
 
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,

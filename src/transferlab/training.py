@@ -179,30 +179,42 @@ class Batches:
     count: int
 
 
-def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=generator)
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator,
+                   sample_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch of shuffled index batches; with ``sample_weights``, ``n`` indices drawn with
+    replacement in proportion to them (the balanced sampler)."""
+    if sample_weights is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=generator)
     chunks = list(order.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:  # a batch of one breaks BatchNorm in train mode
         chunks = chunks[:-1]
     return chunks
 
 
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights 1 / (images in its class): every class is drawn equally often."""
+    counts = torch.bincount(labels).float()
+    return 1.0 / counts[labels]
+
+
 def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                    stage: str) -> Batches:
+                    stage: str, sample_weights: torch.Tensor | None = None) -> Batches:
     def make(epoch: int):
-        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage)):
+        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage), sample_weights):
             yield features[idx], labels[idx]
     count = len(_batch_indices(len(labels), batch_size, torch.Generator().manual_seed(0)))
     return Batches(make, count)
 
 
 def image_batches(images: list[torch.Tensor], labels: torch.Tensor, batch_size: int, seed: int, stage: str,
-                  preprocess: PreprocessConfig, augment: bool) -> Batches:
+                  preprocess: PreprocessConfig, augment: bool, sample_weights: torch.Tensor | None = None) -> Batches:
     """Augmentation draws from the global torch RNG, which TrainLoop seeds per epoch."""
     transform = TrainAugment(preprocess) if augment else (lambda ims: eval_batch(ims, preprocess))
 
     def make(epoch: int):
-        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage)):
+        for idx in _batch_indices(len(labels), batch_size, epoch_generator(seed, epoch, stage), sample_weights):
             yield transform([images[i] for i in idx.tolist()]), labels[idx]
     count = len(_batch_indices(len(labels), batch_size, torch.Generator().manual_seed(0)))
     return Batches(make, count)
@@ -308,14 +320,35 @@ class TrainLoop:
 @torch.no_grad()
 def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor],
                        preprocess: PreprocessConfig, policy: Policy, batch_size: int = 64,
-                       desc: str = "") -> torch.Tensor:
-    """Apply ``fn`` (a module in eval mode) to decoded images, batch by batch; returns float32 on CPU."""
+                       desc: str = "", view: str = "center") -> torch.Tensor:
+    """Apply ``fn`` (a module in eval mode) to one view of decoded images, batch by batch; returns
+    float32 on CPU."""
     outputs = []
     starts = range(0, len(images), batch_size)
     for start in progress_bar(starts, total=len(starts), desc=desc, enabled=bool(desc)):
-        x = policy.prepare_input(eval_batch(images[start:start + batch_size], preprocess))
+        x = policy.prepare_input(eval_batch(images[start:start + batch_size], preprocess, view))
         with policy.autocast():
             outputs.append(fn(x).float().cpu())
     if not outputs:
         return torch.empty(0)
     return torch.cat(outputs)
+
+
+def average_views(logits_per_view: list[torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation: the mean of the views' class probabilities, returned as log-probabilities
+    (so that ``softmax`` of the result gives the averaged probabilities back)."""
+    probs = torch.stack([torch.softmax(logits, dim=1) for logits in logits_per_view]).mean(0)
+    return probs.clamp_min(1e-12).log()
+
+
+@torch.no_grad()
+def predict_logits(model, images: list[torch.Tensor], preprocess: PreprocessConfig, policy: Policy,
+                   tta: bool = False, batch_size: int = 64, desc: str = "") -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for decoded images; with ``tta`` the log of the probabilities
+    averaged over :data:`~transferlab.preprocessing.TTA_VIEWS`."""
+    if not tta:
+        return predict_in_batches(model, images, preprocess, policy, batch_size, desc)
+    from .preprocessing import TTA_VIEWS
+
+    return average_views([predict_in_batches(model, images, preprocess, policy, batch_size,
+                                             f"{desc} ({view})" if desc else "", view) for view in TTA_VIEWS])
