@@ -550,3 +550,30 @@ def test_decode_matches_between_threads_and_single(tiny_data):
     one = decode_samples(samples, CFG, workers=1, progress=False)
     assert not many.skipped and len(many.images) == 12
     assert all(torch.equal(a, b) for a, b in zip(many.images, one.images, strict=True))
+
+
+def test_iter_decoded_keeps_order_and_bounds_lookahead(monkeypatch, tmp_path):
+    import threading
+
+    from transferlab import data as data_module
+    from transferlab.data import ImageDecodeError, iter_decoded
+    from transferlab.preprocessing import PreprocessConfig
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fake_decode(path, cfg):
+        with lock:
+            started.append(int(path))
+        if int(path) == 7:
+            raise ImageDecodeError("cannot decode: broken")
+        return torch.full((1,), int(path))
+
+    monkeypatch.setattr(data_module, "decode_for_model", fake_decode)
+    cfg = PreprocessConfig(8, 8, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    consumed = []
+    for i, (tensor, error) in enumerate(iter_decoded([str(i) for i in range(40)], cfg, workers=2, lookahead=5)):
+        with lock:
+            assert len(started) <= i + 6  # never more than `lookahead` ahead of the consumer
+        consumed.append(("error", error) if tensor is None else int(tensor))
+    assert consumed == [i if i != 7 else ("error", "cannot decode: broken") for i in range(40)]

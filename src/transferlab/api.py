@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -22,7 +23,7 @@ from .config import TrainConfig
 from .data import Sample, class_counts, decode_samples, discover, read_class_folders, split_per_class
 from .errors import TransferlabError
 from .fileio import atomic_path, check_writable_dir, read_json, sha256_file, write_json, write_text
-from .precision import Policy, resolve_policy
+from .precision import Policy, resolve_policy, torch_threads
 from .run import BACKBONE_FILE, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, TEST_PREDICTIONS_FILE, Run
 
 log = logging.getLogger("transferlab")
@@ -278,7 +279,8 @@ def _train_head(model, cfg: TrainConfig, policy: Policy, loss_fn, epochs: int, t
                                            _sample_weights(cfg, train_split)),
                      loss_fn, optimizer, epochs, fp32, "head", cfg.warmup_epochs, validate, head.train,
                      _callbacks(cfg, saver), seed=cfg.seed)
-    return loop.fit(resume)
+    with torch_threads(1) if policy.device == "cpu" else contextlib.nullcontext():
+        return loop.fit(resume)
 
 
 def _callbacks(cfg: TrainConfig, saver) -> list:

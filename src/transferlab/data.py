@@ -6,11 +6,13 @@ The one owner of class order (sorted folder names, or sorted CSV labels) and of 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import os
 import random
 import struct
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import TransferlabError
+from .precision import decode_workers
 from .preprocessing import PreprocessConfig
 
 log = logging.getLogger("transferlab")
@@ -362,31 +365,62 @@ class DecodedImages:
     skipped: list[dict]
 
 
-def decode_samples(samples: list[Sample], cfg: PreprocessConfig, strict: bool = False,
-                   workers: int | None = None, desc: str = "decoding", progress: bool = True) -> DecodedImages:
-    """Decode every sample once, in parallel threads (Pillow releases the GIL while decoding)."""
-    from .progress import progress_bar
+def iter_decoded(paths: Sequence[str | os.PathLike], cfg: PreprocessConfig, workers: int | None = None,
+                 lookahead: int = 128) -> Iterator[tuple[torch.Tensor | None, str | None]]:
+    """Decode ``paths`` in background threads (Pillow releases the GIL while decoding), yielding
+    ``(tensor, None)`` or ``(None, reason)`` in input order. At most ``lookahead`` images are decoded
+    ahead of the consumer, so decoding overlaps the consumer's work (a forward pass) and memory stays
+    bounded on large folders."""
+    workers = workers or decode_workers()
 
-    workers = workers or max(1, os.cpu_count() or 1)
-
-    def work(sample: Sample):
+    def work(path):
         try:
-            return decode_for_model(sample.path, cfg), None
+            return decode_for_model(path, cfg), None
         except ImageDecodeError as exc:
             return None, str(exc)
 
-    ok_samples, images, skipped = [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(work, samples)
-        for sample, (tensor, reason) in progress_bar(zip(samples, results, strict=False), total=len(samples), desc=desc,
-                                                     enabled=progress):
-            if tensor is None:
-                if strict:
-                    raise TransferlabError(f"{sample.path}: {reason} (--strict)")
-                skipped.append({"path": str(sample.path), "label": sample.label, "reason": reason})
-            else:
-                ok_samples.append(sample)
-                images.append(tensor)
+        pending: deque = deque()
+        remaining = iter(paths)
+        try:
+            for path in itertools.islice(remaining, max(1, lookahead)):
+                pending.append(pool.submit(work, path))
+            while pending:
+                result = pending.popleft().result()
+                for path in itertools.islice(remaining, 1):
+                    pending.append(pool.submit(work, path))
+                yield result
+        finally:
+            for future in pending:  # the consumer stopped early (--strict, Ctrl-C)
+                future.cancel()
+
+
+def decode_samples(samples: list[Sample], cfg: PreprocessConfig, strict: bool = False,
+                   workers: int | None = None, desc: str = "decoding", progress: bool = True) -> DecodedImages:
+    """Decode every sample once, in parallel threads."""
+    return collect_decoded(samples, iter_decoded([s.path for s in samples], cfg, workers), strict, desc, progress)
+
+
+def collect_decoded(samples: list[Sample], decoded: Iterable[tuple[torch.Tensor | None, str | None]],
+                    strict: bool = False, desc: str = "decoding", progress: bool = True,
+                    on_image: Callable[[Sample, torch.Tensor], None] | None = None) -> DecodedImages:
+    """Sort decoding results into images and skipped files (``--strict``: the first failure is an
+    error). ``on_image``, when given, receives each decoded image instead of it being kept."""
+    from .progress import progress_bar
+
+    ok_samples, images, skipped = [], [], []
+    for sample, (tensor, reason) in progress_bar(zip(samples, decoded, strict=False), total=len(samples), desc=desc,
+                                                 enabled=progress):
+        if tensor is None:
+            if strict:
+                raise TransferlabError(f"{sample.path}: {reason} (--strict)")
+            skipped.append({"path": str(sample.path), "label": sample.label, "reason": reason})
+            continue
+        ok_samples.append(sample)
+        if on_image is not None:
+            on_image(sample, tensor)
+        else:
+            images.append(tensor)
     if skipped:
         log.warning("skipped %d unreadable file(s) (listed with reasons in data_report.json), first: %s: %s",
                     len(skipped), skipped[0]["path"], skipped[0]["reason"])

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Sample, decode_samples
+from .data import Sample, collect_decoded, iter_decoded
 from .errors import TransferlabError
 from .fileio import atomic_path
-from .precision import Policy
+from .precision import Policy, decode_workers
 from .preprocessing import PreprocessConfig
 
 log = logging.getLogger("transferlab")
@@ -115,6 +115,7 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
                      strict: bool = False, batch_size: int = 64, view: str = "center") -> FeatureResult:
     """Pooled features of ``model.features`` (model in eval mode) for each sample, from the cache where
     possible. Images are decoded only for cache misses (or taken from ``images`` when given)."""
+    from .progress import progress_bar
     from .training import predict_in_batches
 
     key = model_key(model, preprocess, policy, view) if cache.root is not None else ""
@@ -126,7 +127,7 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
                 return file_digest(sample.path)
             except OSError:
                 return None  # unreadable: decoding reports the reason
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
             digests = list(pool.map(digest_of, samples))
         for sample, digest in zip(samples, digests, strict=True):
             vector = cache.get(key, digest) if digest else None
@@ -138,23 +139,38 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
         todo = [(s, None) for s in samples]
     result.hits = len(result.features)
     if todo:
-        missing = [s for s, _ in todo]
-        if images is not None:
-            good = [s for s in missing if s in images]
-            pixels = [images[s] for s in good]
-        else:
-            decoded = decode_samples(missing, preprocess, strict=strict, desc="decoding images")
-            good, pixels, result.skipped = decoded.samples, decoded.images, decoded.skipped
-        model.eval()
-        vectors = predict_in_batches(model.features, pixels, preprocess, policy, batch_size,
-                                     desc="features" if view == "center" else f"features ({view})", view=view)
         digest_of_sample = dict(todo)
-        for sample, vector in zip(good, vectors, strict=True):
-            vector = vector.clone()
-            result.features[sample] = vector
-            if digest_of_sample[sample]:
-                cache.put(key, digest_of_sample[sample], vector)
-        result.misses = len(good)
+        missing = [s for s, _ in todo]
+        model.eval()
+        batch: list[tuple[Sample, torch.Tensor]] = []
+
+        def flush() -> None:
+            vectors = predict_in_batches(model.features, [image for _, image in batch], preprocess, policy,
+                                         batch_size, view=view)
+            for (sample, _), vector in zip(batch, vectors, strict=True):
+                vector = vector.clone()
+                result.features[sample] = vector
+                if digest_of_sample[sample]:
+                    cache.put(key, digest_of_sample[sample], vector)
+            batch.clear()
+
+        def add(sample: Sample, image: torch.Tensor) -> None:
+            batch.append((sample, image))
+            if len(batch) == batch_size:
+                flush()
+
+        desc = "features" if view == "center" else f"features ({view})"
+        if images is not None:
+            for sample in progress_bar(missing, total=len(missing), desc=desc):
+                if sample in images:
+                    add(sample, images[sample])
+        else:  # decoding of the next images overlaps the forward pass of this batch
+            result.skipped = collect_decoded(missing, iter_decoded([s.path for s in missing], preprocess,
+                                                                   lookahead=2 * batch_size),
+                                             strict=strict, desc=desc, on_image=add).skipped
+        if batch:
+            flush()
+        result.misses = len(result.features) - result.hits
     if cache.root is not None:
         log.info("features%s: %d from cache, %d computed", "" if view == "center" else f" ({view})",
                  result.hits, result.misses)

@@ -9,15 +9,27 @@ from .backbones import Backbone
 from .heads import make_head, parse_head_spec
 
 
+@torch.no_grad()
+def _pooled_dim(backbone: Backbone, pool: str, size: int) -> int:
+    return int(backbone(torch.zeros(1, 3, size, size), pool=pool).shape[1])
+
+
 def feature_dim(backbone: Backbone, pool: str) -> int:
-    """Size of the pooled feature vector, found by one forward pass of a blank image."""
+    """Size of the pooled feature vector, found by one forward pass of a blank image. Average pooling
+    gives one value per channel whatever the resolution, so a small image is enough (a full-size pass
+    costs about a second on a laptop CPU); a flattened map needs the real size."""
     was_training = backbone.training
     backbone.eval()
-    size = backbone.preprocess.input_size
-    with torch.no_grad():
-        dim = backbone(torch.zeros(1, 3, size, size), pool=pool).shape[1]
-    backbone.train(was_training)
-    return int(dim)
+    full = backbone.preprocess.input_size
+    try:
+        if pool != "flatten" and full > 64:
+            try:
+                return _pooled_dim(backbone, pool, 64)
+            except Exception:  # a model that accepts only its own input size (a ViT)
+                pass
+        return _pooled_dim(backbone, pool, full)
+    finally:
+        backbone.train(was_training)
 
 
 class TransferModel(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,32 @@ class Policy:
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity and container limits included, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_workers() -> int:
+    """Threads that decode images: one per CPU, capped (decoding is I/O + Pillow; more threads than
+    16 only add memory)."""
+    return min(16, available_cpus())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads. A head on cached features does microsecond-sized
+    operations, where waking other threads costs more than the arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .data import ImageDecodeError, decode_for_model, is_image_file
+from .data import is_image_file, iter_decoded
 from .errors import TransferlabError
 from .fileio import read_json, sha256_file
 from .precision import Policy, resolve_policy
@@ -143,26 +142,26 @@ class Run:
         top_k = min(top_k, len(self.classes))
         paths = expand_image_paths(inputs)
 
-        def decode(path: Path):
-            try:
-                return decode_for_model(path, self.preprocess), None
-            except ImageDecodeError as exc:
-                return None, str(exc)
+        def flush(chunk: list[tuple[Path, torch.Tensor | None, str | None]]) -> Iterator[dict]:
+            good = [tensor for _, tensor, _ in chunk if tensor is not None]
+            probs = iter(self.predict_tensors(good, batch_size) if good else [])
+            for path, tensor, error in chunk:
+                if tensor is None:
+                    yield {"path": str(path), "error": error}
+                    continue
+                scores, idx = next(probs).topk(top_k)
+                ranked = [[self.classes[i], round(float(s), 6)] for s, i in zip(scores, idx.tolist(), strict=True)]
+                yield {"path": str(path), "label": ranked[0][0], "score": ranked[0][1], "top_k": ranked}
 
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            for start in range(0, len(paths), batch_size):
-                chunk = paths[start:start + batch_size]
-                decoded = list(pool.map(decode, chunk))
-                good = [tensor for tensor, _ in decoded if tensor is not None]
-                probs = iter(self.predict_tensors(good, batch_size) if good else [])
-                for path, (tensor, error) in zip(chunk, decoded, strict=True):
-                    if tensor is None:
-                        yield {"path": str(path), "error": error}
-                        continue
-                    p = next(probs)
-                    scores, idx = p.topk(top_k)
-                    ranked = [[self.classes[i], round(float(s), 6)] for s, i in zip(scores, idx.tolist(), strict=False)]
-                    yield {"path": str(path), "label": ranked[0][0], "score": ranked[0][1], "top_k": ranked}
+        # the next batch decodes in background threads while this one runs through the model
+        chunk: list[tuple[Path, torch.Tensor | None, str | None]] = []
+        for path, (tensor, error) in zip(paths, iter_decoded(paths, self.preprocess, lookahead=2 * batch_size),
+                                         strict=True):
+            chunk.append((path, tensor, error))
+            if len(chunk) == batch_size:
+                yield from flush(chunk)
+                chunk = []
+        yield from flush(chunk)
 
     def predict(self, inputs: list[str | os.PathLike] | str | os.PathLike, top_k: int = 3) -> list[dict]:
         if isinstance(inputs, (str, os.PathLike)):
