@@ -41,12 +41,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "transferlab"
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest, for the runs of one process
+
+
 def file_digest(path: str | os.PathLike) -> str:
+    """Content digest of a file. Remembered per (path, inode, size, mtime) within a process, so the runs
+    of an experiment read each image once; a file rewritten in place gets a new mtime and is re-read."""
+    st = os.stat(path)
+    memo_key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if memo_key in _DIGESTS:
+        return _DIGESTS[memo_key]
     digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    _DIGESTS[memo_key] = digest.hexdigest()
+    return _DIGESTS[memo_key]
 
 
 def model_key(model, preprocess: PreprocessConfig, policy: Policy, view: str = "center") -> str:
