@@ -111,7 +111,7 @@ def main() -> None:
     r["bf16_top1_agreement"] = agreement
     r["naive_settings"] = nf["settings"]
     (out / "bench.json").write_text(json.dumps(r, indent=2))
-    print(f"| case | naive | transferlab | ratio | goal |\n|---|---|---|---|---|")
+    print("| case | naive | transferlab | ratio | goal |\n|---|---|---|---|---|")
     for name, a, b, ratio, goal in table:
         print(f"| {name} | {a} | {b} | {ratio:.1f}x | >= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
     print(f"| top-1 agreement bf16 vs fp32 ({len(labels32)} images) | | | {agreement:.1%} | >= 99% "

@@ -88,3 +88,23 @@ def test_bf16_and_fp32_agree_on_real_images(hymenoptera_run):
     agreement = sum(a == b for a, b in zip(top1["fp32"], top1["bf16"], strict=True)) / len(paths)
     assert len(paths) == 153
     assert agreement >= 0.99, agreement
+
+
+def test_onnxruntime_and_torch_agree_on_real_images(hymenoptera_run):
+    """The ONNX Runtime engine (auto for fp32 on a CPU) gives torch's answers: same top-1 on all 153 test
+    images, probabilities within 1e-3."""
+    import torch
+
+    from transferlab.data import decode_samples, read_class_folders
+    from transferlab.run import Run
+
+    data, run_dir, _ = hymenoptera_run
+    run = Run.load(run_dir, precision="fp32", device="cpu")
+    images = decode_samples(read_class_folders(data / "val"), run.preprocess).images
+    probs = {}
+    for engine in ("torch", "onnxruntime"):
+        run.engine = engine
+        probs[engine] = run.predict_tensors(images)
+    assert len(images) == 153
+    assert torch.equal(probs["torch"].argmax(1), probs["onnxruntime"].argmax(1))
+    assert (probs["torch"] - probs["onnxruntime"]).abs().max() < 1e-3

@@ -126,7 +126,7 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     features: dict[Sample, torch.Tensor] | None = None
     train_started = time.perf_counter()
     if cfg.strategy == "freeze":
-        result = compute_features(listed, model, preprocess, policy, cache, strict=cfg.strict)
+        result = compute_features(listed, model, preprocess, policy, cache, strict=cfg.strict, engine=cfg.engine)
         features, skipped = result.features, result.skipped
         usable = set(features)
     else:
@@ -170,7 +170,7 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if head_epochs > 0:
         if features is None:  # head-first stage of fine-tuning: features of the pretrained backbone
             features = compute_features(train_samples + (val_samples or []), model, preprocess, policy, cache,
-                                        images=images).features
+                                        images=images, engine=cfg.engine).features
         for split in (train_split, val_split, test_split):
             if split is not None and all(s in features for s in split.samples):
                 split.features = torch.stack([features[s] for s in split.samples])
@@ -224,14 +224,16 @@ def _test_logits(model, cfg: TrainConfig, policy: Policy, preprocess, test_split
 
     model.eval()
     if cfg.strategy != "freeze":
-        return predict_logits(model, test_split.images, preprocess, policy, tta=cfg.tta, desc="testing")
+        return predict_logits(model, test_split.images, preprocess, policy, tta=cfg.tta, desc="testing",
+                              engine=cfg.engine)
     per_view = [test_split.features]
     if cfg.tta:
         from .features import compute_features
         from .preprocessing import TTA_VIEWS
 
         for view in TTA_VIEWS[1:]:
-            found = compute_features(test_split.samples, model, preprocess, policy, cache, view=view).features
+            found = compute_features(test_split.samples, model, preprocess, policy, cache, view=view,
+                                     engine=cfg.engine).features
             per_view.append(torch.stack([found[s] for s in test_split.samples]))
     logits = [model.head(f.to(policy.device)).float().cpu() for f in per_view]
     return average_views(logits) if cfg.tta else logits[0]
@@ -428,7 +430,8 @@ def load_class_map(value: str | None) -> dict[str, str]:
 
 
 def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-             class_map: dict[str, str] | str | None = None, strict: bool = False, tta: bool | None = None) -> dict:
+             class_map: dict[str, str] | str | None = None, strict: bool = False, tta: bool | None = None,
+             engine: str | None = None) -> dict:
     """Evaluate a trained run on another image folder (classes matched by name, subsets allowed).
 
     ``data_dir`` is a class-folder tree, or a dataset with a train/test layout (its test split is used).
@@ -438,6 +441,8 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     run = run if isinstance(run, Run) else Run.load(run)
     if tta is not None:
         run.tta = tta
+    if engine is not None:
+        run.engine = engine
     mapping = class_map if isinstance(class_map, dict) else load_class_map(class_map)
     data_dir = Path(data_dir)
     names = {p.name.lower() for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set()

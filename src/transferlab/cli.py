@@ -59,6 +59,8 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
     add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
     add("--precision", default=S, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
     add("--device", default=S, choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    add("--engine", default=S, choices=["auto", "torch", "onnxruntime"],
+        help="inference engine for frozen features and testing (auto: ONNX Runtime for fp32 on a CPU)")
     add("--cache-dir", default=S, help="frozen-feature cache (default: $TRANSFERLAB_CACHE_DIR, else "
         "$XDG_CACHE_HOME/transferlab or ~/.cache/transferlab); 'none' disables it")
 
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="JSON object (inline or file): dataset class -> model class")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"])
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
     p = sub.add_parser("predict", help="predict classes of images; one JSON line per image")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="auto: ONNX Runtime for fp32 on a CPU from 64 images on")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
     sub.add_parser("backbones", help="list the registered backbones")
@@ -175,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
 
     metrics = evaluate(args.run_dir, args.data_dir, out=args.out, class_map=args.class_map, strict=args.strict,
-                       tta=args.tta)
+                       tta=args.tta, engine=args.engine)
     print(_summary(metrics))
     return 0
 
@@ -186,6 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = Run.load(args.run_dir, precision=args.precision, device=args.device)
     if args.tta is not None:
         run.tta = args.tta
+    run.engine = args.engine
     failed = 0
     for row in run.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size):
         failed += "error" in row

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from .backbones import DEFAULT_BACKBONE, POOL_MODES
 from .errors import TransferlabError
 from .heads import parse_head_spec
+from .inference import ENGINES
 from .precision import DEVICES, PRECISIONS
 from .strategies import BN_MODES, STRATEGIES
 
@@ -60,6 +61,7 @@ class TrainConfig:
     strict: bool = False
     precision: str = "auto"
     device: str = "auto"
+    engine: str = "auto"  # inference engine for feature extraction and testing (transferlab.inference)
     cache_dir: str | None = None  # frozen-feature cache; None: the default folder, "none": no cache
 
     @classmethod
@@ -104,6 +106,7 @@ class TrainConfig:
         choice("sampler", self.sampler, SAMPLERS)
         choice("precision", self.precision, PRECISIONS)
         choice("device", self.device, DEVICES)
+        choice("engine", self.engine, ENGINES)
         parse_head_spec(self.head)
         number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         number("label-smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)

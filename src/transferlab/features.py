@@ -122,9 +122,11 @@ class FeatureCache:
 
 def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig, policy: Policy,
                      cache: FeatureCache, images: dict[Sample, torch.Tensor] | None = None,
-                     strict: bool = False, batch_size: int = 64, view: str = "center") -> FeatureResult:
+                     strict: bool = False, batch_size: int = 64, view: str = "center",
+                     engine: str = "auto") -> FeatureResult:
     """Pooled features of ``model.features`` (model in eval mode) for each sample, from the cache where
     possible. Images are decoded only for cache misses (or taken from ``images`` when given)."""
+    from .inference import forward_fn
     from .progress import progress_bar
     from .training import predict_in_batches
 
@@ -152,10 +154,11 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
         digest_of_sample = dict(todo)
         missing = [s for s, _ in todo]
         model.eval()
+        extract = forward_fn(model.features, policy, engine, preprocess.input_size, len(missing), owner=model)
         batch: list[tuple[Sample, torch.Tensor]] = []
 
         def flush() -> None:
-            vectors = predict_in_batches(model.features, [image for _, image in batch], preprocess, policy,
+            vectors = predict_in_batches(extract, [image for _, image in batch], preprocess, policy,
                                          batch_size, view=view)
             for (sample, _), vector in zip(batch, vectors, strict=True):
                 vector = vector.clone()

@@ -62,6 +62,7 @@ class Run:
         self.classes: list[str] = list(config["classes"])
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
         self.tta: bool = bool(config.get("train", {}).get("tta", False))  # test-time augmentation
+        self.engine: str = "auto"  # inference engine, see transferlab.inference
 
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, backbone={self.config['backbone']['name']!r}, classes={self.classes})"
@@ -123,13 +124,16 @@ class Run:
     # ------------------------------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def predict_tensors(self, images: list[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    def predict_tensors(self, images: list[torch.Tensor], batch_size: int = 32,
+                        n_images: int | None = None) -> torch.Tensor:
         """Class probabilities for decoded images (uint8, short side = resize_size); averaged over the
-        test-time augmentation views when ``self.tta``."""
+        test-time augmentation views when ``self.tta``. ``n_images``: the total when the caller sends the
+        images in several calls (it decides whether exporting the model to ONNX Runtime pays)."""
         from .training import predict_logits
 
         self.model.eval()
-        logits = predict_logits(self.model, images, self.preprocess, self.policy, self.tta, batch_size)
+        logits = predict_logits(self.model, images, self.preprocess, self.policy, self.tta, batch_size,
+                                engine=self.engine, n_images=n_images)
         return torch.softmax(logits, dim=1) if len(logits) else logits
 
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
@@ -144,7 +148,7 @@ class Run:
 
         def flush(chunk: list[tuple[Path, torch.Tensor | None, str | None]]) -> Iterator[dict]:
             good = [tensor for _, tensor, _ in chunk if tensor is not None]
-            probs = iter(self.predict_tensors(good, batch_size) if good else [])
+            probs = iter(self.predict_tensors(good, batch_size, n_images=len(paths)) if good else [])
             for path, tensor, error in chunk:
                 if tensor is None:
                     yield {"path": str(path), "error": error}

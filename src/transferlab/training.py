@@ -343,12 +343,18 @@ def average_views(logits_per_view: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model, images: list[torch.Tensor], preprocess: PreprocessConfig, policy: Policy,
-                   tta: bool = False, batch_size: int = 64, desc: str = "") -> torch.Tensor:
+                   tta: bool = False, batch_size: int = 64, desc: str = "", engine: str = "auto",
+                   n_images: int | None = None) -> torch.Tensor:
     """Logits of ``model`` (eval mode) for decoded images; with ``tta`` the log of the probabilities
-    averaged over :data:`~transferlab.preprocessing.TTA_VIEWS`."""
-    if not tta:
-        return predict_in_batches(model, images, preprocess, policy, batch_size, desc)
+    averaged over :data:`~transferlab.preprocessing.TTA_VIEWS`. ``engine``: see :mod:`transferlab.inference`
+    (``n_images``: how many images the caller will push through in all, which decides whether an ONNX
+    export pays; default ``len(images)``)."""
+    from .inference import forward_fn
     from .preprocessing import TTA_VIEWS
 
-    return average_views([predict_in_batches(model, images, preprocess, policy, batch_size,
-                                             f"{desc} ({view})" if desc else "", view) for view in TTA_VIEWS])
+    views = TTA_VIEWS if tta else ("center",)
+    total = (n_images if n_images is not None else len(images)) * len(views)
+    fn = forward_fn(model, policy, engine, preprocess.input_size, total)
+    outputs = [predict_in_batches(fn, images, preprocess, policy, batch_size,
+                                  f"{desc} ({view})" if desc and tta else desc, view) for view in views]
+    return average_views(outputs) if tta else outputs[0]
