@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import COLORS, make_class_folders, make_image
@@ -100,3 +101,17 @@ def test_disabled_cache_always_computes_and_bad_files_are_skipped(tmp_path, samp
         assert result.skipped[0]["path"] == str(bad)
     assert counter.images == 12
     assert not any(tmp_path.rglob("*.npy"))
+
+
+def test_entries_read_once_per_process_are_served_from_memory(tmp_path, samples, monkeypatch):
+    model, policy = tiny_model(), resolve_policy("fp32", "cpu")
+    cache = FeatureCache(tmp_path / "cache")
+    first = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+
+    def no_disk_reads(*args, **kwargs):
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(np, "load", no_disk_reads)
+    again = compute_features(samples, model, model.backbone.preprocess, policy, FeatureCache(tmp_path / "cache"))
+    assert (again.hits, again.misses) == (6, 0)
+    assert all(torch.equal(first.features[s], again.features[s]) for s in samples)

@@ -254,3 +254,19 @@ def test_check_writable_dir(tmp_path):
     assert str(blocker / "run") in str(err.value)
     with pytest.raises(TransferlabError, match="--save"):
         fileio.check_writable_dir(blocker, option="--save")
+
+
+def test_a_figure_drawn_twice_is_drawn_once(tmp_path, monkeypatch):
+    from transferlab import plots
+
+    counts = {"train": {"a": 5, "b": 7}, "test": {"a": 1, "b": 2}}
+    plots.class_distribution_png(counts, tmp_path / "first.png")
+
+    def no_drawing():
+        raise AssertionError("drawn again")
+
+    monkeypatch.setattr(plots, "_pyplot", no_drawing)
+    plots.class_distribution_png(counts, tmp_path / "second.png")
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
+    with pytest.raises(AssertionError, match="drawn again"):  # other inputs: a new figure
+        plots.class_distribution_png({"train": {"a": 6, "b": 7}}, tmp_path / "third.png")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,15 @@ class FeatureResult:
 
 
 class FeatureCache:
-    """On-disk store of feature vectors keyed by (model key, image digest); ``root=None`` disables it."""
+    """On-disk store of feature vectors keyed by (model key, image digest); ``root=None`` disables it.
+
+    Vectors read or written are also kept in memory (up to :attr:`MEMORY_BYTES` per process, least
+    recently used dropped first), so the runs of an experiment read each file once.
+    """
+
+    MEMORY_BYTES = 512 * 2**20
+    _memory: OrderedDict[Path, tuple[tuple, torch.Tensor]] = OrderedDict()  # path -> (file stat, vector)
+    _memory_bytes = 0
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root) / "features" if root is not None else None
@@ -97,27 +106,59 @@ class FeatureCache:
     def _path(self, key: str, digest: str) -> Path:
         return self.root / key / digest[:2] / f"{digest}.npy"
 
+    @classmethod
+    def _remember(cls, path: Path, vector: torch.Tensor) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        cls._forget(path)
+        cls._memory[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), vector)
+        cls._memory_bytes += vector.nbytes
+        while cls._memory_bytes > cls.MEMORY_BYTES and cls._memory:
+            cls._memory_bytes -= cls._memory.popitem(last=False)[1][1].nbytes
+
+    @classmethod
+    def _forget(cls, path: Path) -> None:
+        if path in cls._memory:
+            cls._memory_bytes -= cls._memory.pop(path)[1].nbytes
+
     def get(self, key: str, digest: str) -> torch.Tensor | None:
         if self.root is None:
             return None
         path = self._path(key, digest)
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            st = os.stat(path)
+        except OSError:
+            self._forget(path)
+            return None
+        remembered = self._memory.get(path)
+        if remembered is not None and remembered[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
+            self._memory.move_to_end(path)
+            return remembered[1]
+        try:
+            vector = torch.from_numpy(np.load(path, allow_pickle=False))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError):  # a damaged entry is recomputed
             path.unlink(missing_ok=True)
+            self._forget(path)
             return None
+        self._remember(path, vector)
+        return vector
 
     def put(self, key: str, digest: str, vector: torch.Tensor) -> None:
         if self.root is None:
             return
+        path = self._path(key, digest)
         try:
-            with atomic_path(self._path(key, digest)) as tmp, open(tmp, "wb") as fh:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, vector.numpy(), allow_pickle=False)
         except (OSError, TransferlabError) as exc:  # a full or read-only cache must not stop a run
             log.warning("feature cache: cannot write to %s (%s); continuing without caching", self.root, exc)
             self.root = None
+            return
+        self._remember(path, vector)
 
 
 def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig, policy: Policy,

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from collections import OrderedDict
 
 import numpy as np
 
-from .fileio import atomic_path
+from .fileio import atomic_path, write_bytes
+
+# PNG bytes of figures already drawn in this process, by their inputs: the runs of an experiment share
+# class distributions (and often confusion matrices), and drawing is most of what saving a run costs.
+_DRAWN: OrderedDict[str, bytes] = OrderedDict()
+_DRAWN_MAX = 64
+
+
+def _drawn_once(draw):
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        names = draw.__code__.co_varnames[:draw.__code__.co_argcount]
+        call = dict(zip(names, args, strict=False)) | kwargs
+        target = call.pop("target")
+        key = json.dumps([draw.__name__, call], sort_keys=True, default=str)
+        if key in _DRAWN:
+            _DRAWN.move_to_end(key)
+            write_bytes(target, _DRAWN[key])
+            return
+        draw(*args, **kwargs)
+        with open(target, "rb") as fh:
+            _DRAWN[key] = fh.read()
+        if len(_DRAWN) > _DRAWN_MAX:
+            _DRAWN.popitem(last=False)
+    return wrapper
 
 
 def _pyplot():
@@ -25,6 +52,7 @@ def _save(fig, target: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+@_drawn_once
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str], target: str | os.PathLike,
                          title: str = "Confusion matrix (test)") -> None:
     """Counts (left) and row-normalised recall (right); rows are true classes, columns predictions."""
@@ -51,6 +79,7 @@ def confusion_matrix_png(matrix: list[list[int]], classes: list[str], target: st
     _save(fig, target)
 
 
+@_drawn_once
 def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.PathLike) -> None:
     """Grouped bar graph: images per class, one bar per split. ``counts``: split -> class -> count."""
     plt = _pyplot()
@@ -73,6 +102,7 @@ def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.P
     _save(fig, target)
 
 
+@_drawn_once
 def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
     """Loss and accuracy per epoch, train and validation (when there is a validation split)."""
     plt = _pyplot()
