@@ -270,3 +270,37 @@ def test_a_figure_drawn_twice_is_drawn_once(tmp_path, monkeypatch):
     assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
     with pytest.raises(AssertionError, match="drawn again"):  # other inputs: a new figure
         plots.class_distribution_png({"train": {"a": 6, "b": 7}}, tmp_path / "third.png")
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_every_metric_matches_sklearn_on_random_cases_with_ties_and_absent_classes(k):
+    rng = np.random.default_rng(k)
+    for case in range(60):
+        n = int(rng.integers(5, 80))
+        labels = rng.choice(k, size=int(rng.integers(2, k + 1)), replace=False)  # some classes absent
+        y = rng.choice(labels, size=n)
+        if len(set(y.tolist())) < 2:
+            y[0], y[1] = labels[0], labels[1]
+        probs = rng.dirichlet(np.ones(k), size=n)
+        if case % 2:
+            probs = np.round(probs, 1) + 1e-9  # coarse scores: many ties
+            probs /= probs.sum(axis=1, keepdims=True)
+        m = compute_metrics(y, probs, [f"c{i}" for i in range(k)])
+        pred = probs.argmax(axis=1)
+        present = sorted(set(y.tolist()))
+        for average, suffix in (("macro", ""), ("weighted", "_weighted")):
+            p, r, f, _ = skm.precision_recall_fscore_support(y, pred, labels=present, average=average,
+                                                             zero_division=0)
+            assert (m[f"precision{suffix}"], m[f"recall{suffix}"], m[f"f1{suffix}"]) == pytest.approx((p, r, f))
+        assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=list(range(k))).tolist()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if k == 2:
+                expected = skm.roc_auc_score(y, probs[:, 1])
+            else:
+                scores = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+                expected = (skm.roc_auc_score(y == present[1], scores[:, 1]) if len(present) == 2 else
+                            skm.roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=present))
+        assert m["roc_auc"] == pytest.approx(expected)
+        if k > 5:
+            assert m["top5_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=5, labels=list(range(k))))
