@@ -173,3 +173,22 @@ def test_resume_flag_continues_an_interrupted_run(data, reference, tmp_path, mon
     monkeypatch.setattr(EpochLogger, "after_epoch", original)
     transferlab.train(data, out=out, resume=True, **OPTIONS)
     assert _metrics(out) == _metrics(reference)
+
+
+def test_fast_epochs_are_checkpointed_at_most_once_per_interval(data, tmp_path, monkeypatch):
+    from transferlab import checkpoint, training
+
+    saved = []
+    real_save = checkpoint.save_checkpoint
+
+    def recording_save(run_dir, stage, epoch, *args, **kwargs):
+        saved.append((stage, epoch))
+        return real_save(run_dir, stage, epoch, *args, **kwargs)
+
+    clock = iter(range(0, 10_000, 1))  # every reading 0.3 s later than the one before
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock) * 0.3)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", recording_save)
+    transferlab.train(data, out=tmp_path / "run", **dict(OPTIONS, strategy="freeze", epochs=9))
+    head = [epoch for stage, epoch in saved if stage == "head"]
+    assert head[0] == 1 and head[-1] == 9  # the first and the last epoch always
+    assert 2 <= len(head) < 9  # in between, only when a second has passed since the last one

@@ -52,15 +52,32 @@ class TrainingInterrupted(TransferlabError):
 
 
 class SaveCheckpoint(Callback):
-    """After every epoch, a checkpoint in RUN_DIR/checkpoint (see :mod:`transferlab.checkpoint`)."""
+    """A checkpoint in RUN_DIR/checkpoint (see :mod:`transferlab.checkpoint`) after the first and the last
+    epoch of a stage, and after every other epoch that ends ``min_interval`` seconds or more after the last
+    checkpoint: a head epoch on cached features takes milliseconds, less than writing its checkpoint, so a
+    killed run loses at most ``min_interval`` seconds of work instead of doubling the cost of every epoch.
+    Resuming from an earlier epoch gives the same result (each epoch's randomness depends only on its
+    number)."""
 
     order = 40
 
-    def __init__(self, run_dir, config: dict, earlier_history: list[dict]) -> None:
+    def __init__(self, run_dir, config: dict, earlier_history: list[dict], min_interval: float = 1.0) -> None:
         self.run_dir, self.config = run_dir, config
         self.earlier_history = earlier_history  # rows of finished stages (the caller's list, kept current)
+        self.min_interval = min_interval
+        self.last_saved: float | None = None
+
+    def before_fit(self, loop: TrainLoop) -> None:
+        self.last_saved = None
 
     def after_epoch(self, loop: TrainLoop, row: dict) -> None:
+        now = time.perf_counter()
+        due = self.last_saved is None or now - self.last_saved >= self.min_interval or row["epoch"] >= loop.epochs
+        if due:
+            self._save(loop)
+            self.last_saved = time.perf_counter()
+
+    def _save(self, loop: TrainLoop) -> None:
         from .checkpoint import save_checkpoint
 
         tensors, meta = {}, {}
@@ -68,8 +85,8 @@ class SaveCheckpoint(Callback):
             cb_tensors, cb_meta = cb.state()
             tensors |= {f"cb.{type(cb).__name__}.{k}": v for k, v in cb_tensors.items()}
             meta[type(cb).__name__] = cb_meta
-        save_checkpoint(self.run_dir, loop.stage, row["epoch"], loop.module, loop.optimizer, loop.scheduler,
-                        self.earlier_history + loop.history, meta, tensors, self.config)
+        save_checkpoint(self.run_dir, loop.stage, loop.history[-1]["epoch"], loop.module, loop.optimizer,
+                        loop.scheduler, self.earlier_history + loop.history, meta, tensors, self.config)
 
 
 class KeepBestOnValidation(Callback):
