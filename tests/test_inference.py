@@ -93,3 +93,15 @@ def test_train_records_the_engine_and_both_engines_agree(tiny_data, tmp_path):
                                           for row in csv.DictReader(fh)])
     assert torch.allclose(probs["torch"], probs["onnxruntime"], atol=1e-4)
     assert runs["torch"].metrics["accuracy"] == runs["onnxruntime"].metrics["accuracy"]
+
+
+def test_inputs_for_cuda_are_pinned_before_an_asynchronous_copy(monkeypatch):
+    """No GPU here: record what prepare_input does to the host tensor instead of copying it."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", a, k)) or self)
+    Policy("cuda", "fp16", channels_last=False).prepare_input(torch.zeros(2, 3, 8, 8))
+    assert calls == ["pin", ("to", ("cuda",), {"non_blocking": True})]
+    calls.clear()
+    CPU32.prepare_input(torch.zeros(2, 3, 8, 8))
+    assert "pin" not in calls  # pinning only pays for a copy to a GPU

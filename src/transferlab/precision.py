@@ -34,6 +34,8 @@ class Policy:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()  # page-locked host memory: the copy below runs asynchronously
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
