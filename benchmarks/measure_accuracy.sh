@@ -14,6 +14,10 @@ python scripts/digits_folders.py "$OUT/digits-data" > /dev/null
 # 28x28 digits: 96 px is plenty for the network and 5x cheaper than 224 px
 $TL experiment "$OUT/digits-data/mnist_5k" --strategies freeze,unfreeze --seeds 0,1,2 --image-size 96 \
     --eval-on "$OUT/digits-data/sklearn_digits" --out "$OUT/digits"
+# small grey-scale images upscaled, in-domain: scikit-learn's 8x8 digits (1797 images, about 180 per class;
+# no test folder, so the experiment holds out a stratified test split)
+$TL experiment "$OUT/digits-data/sklearn_digits" --strategies freeze,unfreeze --seeds 0,1,2 --image-size 96 \
+    --out "$OUT/sklearn_digits"
 # the larger offline backbones, frozen (one backbone pass each)
 $TL experiment "$SHARED/hymenoptera" --strategies freeze --backbones efficientnet_lite1,efficientnet_lite2 \
     --seeds 0,1,2 --out "$OUT/hymenoptera-lite12"
