@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from transferlab.data import is_image_file
+from transferlab.precision import cpu_has_native_bf16
 
 HERE = Path(__file__).resolve().parent
 TL = [sys.executable, "-m", "transferlab.cli", "-q"]
@@ -105,8 +106,6 @@ def main() -> None:
     pbf = step("tl_predict_bf16", TL + ["predict", str(out / "cold"), str(data / "val"), "--precision", "bf16"])
     imports = step("startup_imports", [sys.executable, "-c", "import torch, timm, matplotlib.pyplot"])
     imports.pop("stdout")
-    from transferlab.precision import cpu_has_native_bf16
-
     r["native_bf16"] = cpu_has_native_bf16()
     labels32 = [json.loads(line).get("label") for line in p32.pop("stdout").splitlines()]
     labelsbf = [json.loads(line).get("label") for line in pbf.pop("stdout").splitlines()]
