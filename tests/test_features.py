@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import COLORS, make_class_folders, make_image
 
-from transferlab.backbones import create_backbone
-from transferlab.data import Sample, read_class_folders
-from transferlab.features import FeatureCache, compute_features, model_key
-from transferlab.model import TransferModel
-from transferlab.precision import resolve_policy
+from transferlab.data.discovery import Sample, read_class_folders
+from transferlab.features import FeatureCache, FeatureExtractor, model_key
+from transferlab.models.backbones import create_backbone
+from transferlab.models.transfer import TransferModel
+from transferlab.runtime.precision import resolve_policy
 
 
 def tiny_model(pool: str = "avg", image_size: int = 64) -> TransferModel:
@@ -41,9 +41,9 @@ def test_second_pass_is_served_from_cache_without_running_the_backbone(tmp_path,
     model, policy = tiny_model(), resolve_policy("fp32", "cpu")
     cache = FeatureCache(tmp_path / "cache")
     counter = CallCounter(model.backbone)
-    first = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    first = FeatureExtractor(model, policy, cache).extract(samples)
     assert (first.hits, first.misses, counter.images) == (0, 6, 6)
-    second = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    second = FeatureExtractor(model, policy, cache).extract(samples)
     assert (second.hits, second.misses, counter.images) == (6, 0, 6)
     for sample in samples:
         assert torch.equal(first.features[sample], second.features[sample])
@@ -52,10 +52,10 @@ def test_second_pass_is_served_from_cache_without_running_the_backbone(tmp_path,
 def test_changed_image_is_recomputed_and_others_are_not(tmp_path, samples):
     model, policy = tiny_model(), resolve_policy("fp32", "cpu")
     cache = FeatureCache(tmp_path / "cache")
-    before = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    before = FeatureExtractor(model, policy, cache).extract(samples)
     changed = samples[0]
     make_image(changed.path, COLORS["green"], seed=99)
-    after = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    after = FeatureExtractor(model, policy, cache).extract(samples)
     assert (after.hits, after.misses) == (5, 1)
     assert not torch.equal(before.features[changed], after.features[changed])
 
@@ -63,29 +63,28 @@ def test_changed_image_is_recomputed_and_others_are_not(tmp_path, samples):
 def test_every_key_part_changes_the_model_key():
     policy = resolve_policy("fp32", "cpu")
     base = tiny_model()
-    keys = {model_key(base, base.backbone.preprocess, policy)}
+    keys = {model_key(base, policy)}
     flat = tiny_model(pool="flatten")
-    keys.add(model_key(flat, flat.backbone.preprocess, policy))
+    keys.add(model_key(flat, policy))
     bigger = tiny_model(image_size=96)
-    keys.add(model_key(bigger, bigger.backbone.preprocess, policy))
-    keys.add(model_key(base, base.backbone.preprocess, resolve_policy("bf16", "cpu")))
+    keys.add(model_key(bigger, policy))
+    keys.add(model_key(base, resolve_policy("bf16", "cpu")))
     other_weights = tiny_model()
     with torch.no_grad():
         next(other_weights.backbone.parameters()).add_(1.0)
-    keys.add(model_key(other_weights, other_weights.backbone.preprocess, policy))
+    keys.add(model_key(other_weights, policy))
     assert len(keys) == 5
-    assert model_key(base, base.backbone.preprocess, policy) == model_key(tiny_model(), base.backbone.preprocess,
-                                                                          policy)
+    assert model_key(base, policy) == model_key(tiny_model(), policy)
 
 
 def test_damaged_entry_is_recomputed(tmp_path, samples):
     model, policy = tiny_model(), resolve_policy("fp32", "cpu")
     cache = FeatureCache(tmp_path / "cache")
-    compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    FeatureExtractor(model, policy, cache).extract(samples)
     entries = sorted((tmp_path / "cache").rglob("*.npy"))
     assert len(entries) == 6
     entries[0].write_bytes(b"garbage")
-    again = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    again = FeatureExtractor(model, policy, cache).extract(samples)
     assert (again.hits, again.misses) == (5, 1)
 
 
@@ -96,7 +95,7 @@ def test_disabled_cache_always_computes_and_bad_files_are_skipped(tmp_path, samp
     all_samples = samples + [Sample(bad, "red")]
     counter = CallCounter(model.backbone)
     for _ in range(2):
-        result = compute_features(all_samples, model, model.backbone.preprocess, policy, FeatureCache(None))
+        result = FeatureExtractor(model, policy, FeatureCache(None)).extract(all_samples)
         assert result.misses == 6 and len(result.skipped) == 1
         assert result.skipped[0]["path"] == str(bad)
     assert counter.images == 12
@@ -106,12 +105,12 @@ def test_disabled_cache_always_computes_and_bad_files_are_skipped(tmp_path, samp
 def test_entries_read_once_per_process_are_served_from_memory(tmp_path, samples, monkeypatch):
     model, policy = tiny_model(), resolve_policy("fp32", "cpu")
     cache = FeatureCache(tmp_path / "cache")
-    first = compute_features(samples, model, model.backbone.preprocess, policy, cache)
+    first = FeatureExtractor(model, policy, cache).extract(samples)
 
     def no_disk_reads(*args, **kwargs):
         raise AssertionError("read from disk")
 
     monkeypatch.setattr(np, "load", no_disk_reads)
-    again = compute_features(samples, model, model.backbone.preprocess, policy, FeatureCache(tmp_path / "cache"))
+    again = FeatureExtractor(model, policy, FeatureCache(tmp_path / "cache")).extract(samples)
     assert (again.hits, again.misses) == (6, 0)
     assert all(torch.equal(first.features[s], again.features[s]) for s in samples)

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 import transferlab
-from transferlab.data import ImageDecodeError, decode_for_model, load_rgb
-from transferlab.preprocessing import PreprocessConfig
+from transferlab.data.decode import ImageDecodeError, load_rgb
+from transferlab.data.images import decode_for_model
+from transferlab.models.preprocessing import PreprocessConfig
 
 # Hypothesis now and then draws a constant found in the project's loaded modules: with all of them loaded,
 # the derandomized examples are the same whether this file runs alone or after other tests.

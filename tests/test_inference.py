@@ -8,10 +8,10 @@ from conftest import TINY_BACKBONE
 from torch import nn
 
 import transferlab
-from transferlab.backbones import create_backbone
-from transferlab.inference import MIN_IMAGES_FOR_EXPORT, OnnxRunner, forward_fn, resolve_engine
-from transferlab.model import TransferModel
-from transferlab.precision import Policy
+from transferlab.models.backbones import create_backbone
+from transferlab.models.transfer import TransferModel
+from transferlab.runtime.inference import MIN_IMAGES_FOR_EXPORT, OnnxRunner, forward_fn, resolve_engine
+from transferlab.runtime.precision import Policy
 
 
 def _model() -> TransferModel:

@@ -13,7 +13,7 @@ from conftest import need_shared
 
 import transferlab
 from transferlab.cli import main
-from transferlab.data import is_image_file
+from transferlab.data.discovery import is_image_file
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def test_bf16_and_fp32_agree_on_real_images(hymenoptera_run):
     """bf16 autocast must not change answers: top-1 agreement with fp32 >= 99% on the 153 test images.
 
     (On a CPU without native bf16 this runs emulated and slowly; it is still the same arithmetic.)"""
-    from transferlab.data import read_class_folders
+    from transferlab.data.discovery import read_class_folders
     from transferlab.run import Run
 
     data, run_dir, _ = hymenoptera_run
@@ -95,7 +95,8 @@ def test_onnxruntime_and_torch_agree_on_real_images(hymenoptera_run):
     images, probabilities within 1e-3."""
     import torch
 
-    from transferlab.data import decode_samples, read_class_folders
+    from transferlab.data.discovery import read_class_folders
+    from transferlab.data.images import decode_samples
     from transferlab.run import Run
 
     data, run_dir, _ = hymenoptera_run

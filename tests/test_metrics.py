@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from transferlab import fileio
 from transferlab.errors import TransferlabError
+from transferlab.io import files as fileio
 from transferlab.metrics import compute_metrics, expected_calibration_error, wilson_interval
 
 
@@ -262,10 +262,10 @@ def test_a_figure_drawn_twice_is_drawn_once(tmp_path, monkeypatch):
     counts = {"train": {"a": 5, "b": 7}, "test": {"a": 1, "b": 2}}
     plots.class_distribution_png(counts, tmp_path / "first.png")
 
-    def no_drawing():
+    def no_drawing(*args):
         raise AssertionError("drawn again")
 
-    monkeypatch.setattr(plots, "_pyplot", no_drawing)
+    monkeypatch.setattr(plots, "_figure", no_drawing)
     plots.class_distribution_png(counts, tmp_path / "second.png")
     assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
     with pytest.raises(AssertionError, match="drawn again"):  # other inputs: a new figure

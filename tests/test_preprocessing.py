@@ -1,4 +1,4 @@
-"""transferlab.preprocessing: config arithmetic, evaluation batches, training augmentation."""
+"""transferlab.models.preprocessing: config arithmetic, evaluation batches, training augmentation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from transferlab.preprocessing import PreprocessConfig, TrainAugment, center_crop, eval_batch
+from transferlab.models.preprocessing import PreprocessConfig, TrainAugment, center_crop, eval_batch
 
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

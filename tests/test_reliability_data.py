@@ -25,11 +25,13 @@ import torch
 from conftest import COLORS, make_image
 from PIL import Image
 
-from transferlab import data
 from transferlab.cli import main
-from transferlab.data import ImageDecodeError, Sample, decode_for_model, decode_samples, discover, load_rgb
+from transferlab.data import decode as data
+from transferlab.data.decode import ImageDecodeError, load_rgb
+from transferlab.data.discovery import Sample, discover
+from transferlab.data.images import decode_for_model, decode_samples
 from transferlab.errors import TransferlabError
-from transferlab.preprocessing import PreprocessConfig
+from transferlab.models.preprocessing import PreprocessConfig
 
 TINY_ARGS = ["--backbone", "timm/test_efficientnet", "--weights", "none", "--image-size", "64", "--batch-size", "8",
              "--precision", "fp32", "--strategy", "freeze", "--epochs", "1"]

@@ -15,8 +15,8 @@ from conftest import TINY, make_class_folders
 from safetensors.torch import load_file
 
 import transferlab
-from transferlab.errors import TransferlabError
-from transferlab.training import EpochLogger, TrainingInterrupted
+from transferlab.errors import TrainingInterrupted, TransferlabError
+from transferlab.training.callbacks import EpochLogger
 
 OPTIONS = dict(TINY, strategy="unfreeze", epochs=4, head_epochs=3, val_size=0.25, cache_dir="none")
 
@@ -179,17 +179,18 @@ def test_resume_flag_continues_an_interrupted_run(data, reference, tmp_path, mon
 
 
 def test_fast_epochs_are_checkpointed_at_most_once_per_interval(data, tmp_path, monkeypatch):
-    from transferlab import checkpoint, training
+    from transferlab.io import checkpoint
+    from transferlab.training import callbacks
 
     saved = []
     real_save = checkpoint.save_checkpoint
 
-    def recording_save(run_dir, stage, epoch, *args, **kwargs):
-        saved.append((stage, epoch))
-        return real_save(run_dir, stage, epoch, *args, **kwargs)
+    def recording_save(run_dir, state, config):
+        saved.append((state.stage, state.epoch))
+        return real_save(run_dir, state, config)
 
     clock = iter(range(0, 10_000, 1))  # every reading 0.3 s later than the one before
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock) * 0.3)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock) * 0.3)
     monkeypatch.setattr(checkpoint, "save_checkpoint", recording_save)
     transferlab.train(data, out=tmp_path / "run", **dict(OPTIONS, strategy="freeze", epochs=9))
     head = [epoch for stage, epoch in saved if stage == "head"]

@@ -7,10 +7,10 @@ import torch
 from conftest import TINY_BACKBONE
 from torch import nn
 
-from transferlab.backbones import create_backbone
 from transferlab.errors import TransferlabError
-from transferlab.model import TransferModel
-from transferlab.strategies import _batchnorms, apply_strategy, param_groups, set_train_mode
+from transferlab.models.backbones import create_backbone
+from transferlab.models.transfer import TransferModel
+from transferlab.training.strategies import _batchnorms, apply_strategy, param_groups, set_train_mode
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _initial_backbone_state() -> dict[str, torch.Tensor]:
     """The random init train() starts from (it seeds everything with seed 0 before building the backbone)."""
-    from transferlab.backbones import create_backbone
+    from transferlab.models.backbones import create_backbone
 
     random.seed(0)
     np.random.seed(0)
@@ -137,7 +137,7 @@ def test_reload_predicts_the_same(freeze_run):
     assert [r["label"] for r in a] == [r["label"] for r in b]
     np.testing.assert_allclose([[s for _, s in r["top_k"]] for r in a], [[s for _, s in r["top_k"]] for r in b],
                                atol=1e-5)
-    from transferlab.data import decode_for_model
+    from transferlab.data.images import decode_for_model
 
     tensors = [decode_for_model(p, run.preprocess) for p in images]
     pa, pb = run.predict_tensors(tensors), loaded.predict_tensors(tensors)
@@ -213,7 +213,7 @@ def test_unfreeze_on_train_val_layout(tiny_split_data, tmp_path):
 
 
 def test_partial_trains_only_the_last_block(tiny_data, tmp_path):
-    from transferlab.backbones import create_backbone
+    from transferlab.models.backbones import create_backbone
 
     out = tmp_path / "run"
     transferlab.train(tiny_data, out=out, strategy="partial", unfreeze_last=1, epochs=1, head_epochs=1, **TINY)
@@ -258,20 +258,20 @@ def test_bad_image_with_strict_raises(tiny_data, tmp_path):
 
 
 def test_validation_split_and_early_stopping(tiny_data, tmp_path, monkeypatch):
-    import transferlab.api as api
-    import transferlab.training as training
+    import transferlab.data.splits as splits
+    import transferlab.training.trainer as trainer
 
     calls = []
-    real_split = api.split_per_class
+    real_split = splits.split_per_class
 
     def spy(samples, fraction, seed, split_name, **kw):
         keep, held = real_split(samples, fraction, seed, split_name, **kw)
         calls.append((split_name, {s.path for s in keep}, {s.path for s in held}))
         return keep, held
 
-    monkeypatch.setattr(api, "split_per_class", spy)
+    monkeypatch.setattr(splits, "split_per_class", spy)
     # lr 0: the head never changes, so validation can never improve
-    monkeypatch.setattr(training, "make_optimizer",
+    monkeypatch.setattr(trainer, "make_optimizer",
                         lambda name, groups, lr: torch.optim.SGD([g | {"lr": 0.0} for g in groups], lr=0.0))
     out = tmp_path / "run"
     run = transferlab.train(tiny_data, out=out, strategy="freeze", epochs=10, val_size=0.25, patience=2, **TINY)

@@ -12,8 +12,9 @@ from conftest import TINY, make_class_folders
 
 import transferlab
 from transferlab.cli import main
-from transferlab.preprocessing import TTA_VIEWS, PreprocessConfig, eval_batch
-from transferlab.training import _batch_indices, average_views, balanced_weights, epoch_generator
+from transferlab.models.preprocessing import TTA_VIEWS, PreprocessConfig, eval_batch
+from transferlab.runtime.inference import average_views
+from transferlab.training.batches import _batch_indices, balanced_weights, epoch_generator
 
 
 def _cfg(input_size=4, resize_size=6) -> PreprocessConfig:
@@ -61,7 +62,7 @@ def _test_rows(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("strategy", ["freeze", "unfreeze"])
 def test_tta_test_predictions_are_the_mean_over_the_four_views(tta_runs, strategy):
-    from transferlab.data import decode_for_model
+    from transferlab.data.images import decode_for_model
 
     _, runs = tta_runs
     run = transferlab.load_run(runs[strategy].directory)

@@ -12,34 +12,14 @@ __all__ = ["TrainConfig", "Run", "TransferlabError", "train", "evaluate", "load_
            "run_experiment", "render_report", "__version__"]
 
 
+_LAZY = {"train": "api", "evaluate": "api", "load_run": "api", "run_experiment": "api", "render_report": "api",
+         "TrainConfig": "config", "Run": "run", "TransferlabError": "errors", "list_backbones": "models.backbones"}
+
+
 def __getattr__(name: str):
     # Lazy: `import transferlab` stays cheap (torch, timm and sklearn load only when used).
-    if name in ("train", "evaluate", "load_run"):
-        from . import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
-    if name == "run_experiment":
-        from .experiment import run_experiment
-
-        return run_experiment
-    if name == "render_report":
-        from .report import render_report
-
-        return render_report
-    if name == "TrainConfig":
-        from .config import TrainConfig
-
-        return TrainConfig
-    if name == "Run":
-        from .run import Run
-
-        return Run
-    if name == "TransferlabError":
-        from .errors import TransferlabError
-
-        return TransferlabError
-    if name == "list_backbones":
-        from .backbones import list_backbones
-
-        return list_backbones
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")

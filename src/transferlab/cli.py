@@ -9,6 +9,17 @@ import logging
 import sys
 
 from . import __version__
+from .options import (
+    BN_MODES,
+    CLASS_WEIGHTS,
+    DEVICES,
+    ENGINES,
+    OPTIMIZERS,
+    POOL_MODES,
+    PRECISIONS,
+    SAMPLERS,
+    STRATEGIES,
+)
 
 log = logging.getLogger("transferlab")
 
@@ -27,14 +38,14 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         "(vgg16, resnet50, ...) or timm/NAME")
     add("--weights", default=S, help="'default' (the backbone's pretrained weights), 'none' (random init) "
         "or a .pth/.safetensors file")
-    add("--strategy", default=S, choices=["freeze", "unfreeze", "partial"], help="default: unfreeze")
+    add("--strategy", default=S, choices=STRATEGIES, help="default: unfreeze")
     add("--unfreeze-last", type=int, default=S, metavar="N", help="blocks trained by --strategy partial (2)")
-    add("--bn", default=S, choices=["frozen", "train"], help="BatchNorm of the backbone (default: frozen)")
+    add("--bn", default=S, choices=BN_MODES, help="BatchNorm of the backbone (default: frozen)")
     add("--head", default=S, help="hidden layer sizes: 256 (default), 512x128, 0 = linear")
     add("--dropout", type=float, default=S, help="dropout before each head layer (0.2)")
-    add("--pool", default=S, choices=["avg", "flatten"], help="global average pooling (default) or flatten")
+    add("--pool", default=S, choices=POOL_MODES, help="global average pooling (default) or flatten")
     add("--image-size", type=int, default=S, help="input resolution (default: the backbone's own)")
-    add("--optimizer", default=S, choices=["adamw", "adam", "sgd"], help="default: adamw")
+    add("--optimizer", default=S, choices=OPTIMIZERS, help="default: adamw")
     add("--lr", type=float, default=S, help="head learning rate (default: adamw/adam 1e-3, sgd 1e-2)")
     add("--backbone-lr-mult", type=float, default=S, help="backbone lr = lr x this (0.1)")
     add("--weight-decay", type=float, default=S, help="default: adamw 0.01, adam 0, sgd 1e-4")
@@ -43,8 +54,8 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
     add("--warmup-epochs", type=float, default=S, help="linear lr warm-up before the cosine decay (1)")
     add("--batch-size", type=int, default=S, help="default: 32")
     add("--label-smoothing", type=float, default=S, help="default: 0.1")
-    add("--class-weights", default=S, choices=["none", "balanced"], help="loss weights per class (none)")
-    add("--sampler", default=S, choices=["shuffle", "balanced"],
+    add("--class-weights", default=S, choices=CLASS_WEIGHTS, help="loss weights per class (none)")
+    add("--sampler", default=S, choices=SAMPLERS,
         help="balanced: draw every class equally often in each epoch (default: shuffle)")
     add("--tta", action=argparse.BooleanOptionalAction, default=S,
         help="test-time augmentation: average 4 views (centre, flip, whole image, its flip); "
@@ -57,9 +68,9 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
     add("--patience", type=int, default=S, help="early stopping after N epochs without validation gain")
     add("--seed", type=int, default=S, help="default: 0")
     add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
-    add("--precision", default=S, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
-    add("--device", default=S, choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
-    add("--engine", default=S, choices=["auto", "torch", "onnxruntime"],
+    add("--precision", default=S, choices=PRECISIONS, help="default: auto")
+    add("--device", default=S, choices=DEVICES, help="default: auto")
+    add("--engine", default=S, choices=ENGINES,
         help="inference engine for frozen features and testing (auto: ONNX Runtime for fp32 on a CPU)")
     add("--cache-dir", default=S, help="frozen-feature cache (default: $TRANSFERLAB_CACHE_DIR, else "
         "$XDG_CACHE_HOME/transferlab or ~/.cache/transferlab); 'none' disables it")
@@ -70,16 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_evaluate, _add_predict, _add_backbones, _add_experiment, _add_report):
+        p = add(sub)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    return parser
 
+
+def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on an image folder")
     p.add_argument("data_dir", nargs="?", help="class-per-subfolder image tree")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", help="config.json of an earlier run to re-create (options given here override)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (re-running the "
                    "same command without it resumes too; with it, a missing checkpoint is an error)")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     _add_train_options(p)
+    return p
 
+
+def _add_evaluate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a run on another image folder")
     p.add_argument("run_dir")
     p.add_argument("data_dir")
@@ -87,28 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="JSON object (inline or file): dataset class -> model class")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"])
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--engine", default="auto", choices=ENGINES)
+    return p
 
+
+def _add_predict(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict classes of images; one JSON line per image")
     p.add_argument("run_dir")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
+    p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="auto: ONNX Runtime for fp32 on a CPU from 64 images on")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    return p
 
-    sub.add_parser("backbones", help="list the registered backbones")
 
+def _add_backbones(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("backbones", help="list the registered backbones")
+
+
+def _add_experiment(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="train a grid of runs, compare them, write results and report.html")
     p.add_argument("data_dir", help="class-per-subfolder image tree, or a study .toml file")
     p.add_argument("--out", help="experiment folder (required unless the .toml names it)")
-    p.add_argument("--strategies", help="comma-separated: freeze,unfreeze,partial")
-    p.add_argument("--optimizers", help="comma-separated: sgd,adam,adamw")
+    p.add_argument("--strategies", help=f"comma-separated: {','.join(STRATEGIES)}")
+    p.add_argument("--optimizers", help=f"comma-separated: {','.join(OPTIMIZERS)}")
     p.add_argument("--heads", help="comma-separated head specs: 128,512x128,0")
     p.add_argument("--backbones", help="comma-separated backbones (default: efficientnet_lite0)")
     p.add_argument("--seeds", help="comma-separated seeds; each configuration is repeated per seed")
@@ -116,13 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every run on these folders (classes matched by name)")
     p.add_argument("--class-map", help="for --eval-on: JSON object (inline or file): dataset class -> model class")
     p.add_argument("--question", help="the study's question, shown at the top of the report")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed"))
+    return p
 
+
+def _add_report(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render EXP_DIR/report.html (and results.*) from the results on disk")
     p.add_argument("exp_dir")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
-    return parser
+    return p
 
 
 @contextlib.contextmanager
@@ -158,7 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
     from .config import TrainConfig
     from .errors import TransferlabError
-    from .fileio import read_json
+    from .io.files import read_json
+    from .io.rundir import RUN_FILES
 
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k != "data_dir"}
     config = None
@@ -171,8 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
     run = train(args.data_dir, out=args.out, config=config, resume=args.resume, **options)
     print(_summary(run.metrics))
-    print(f"run directory: {run.directory}  (model.safetensors, config.json, metrics.json, history.csv, "
-          "confusion_matrix.png, class_distribution.png, training_curves.png, data_report.json)")
+    print(f"run directory: {run.directory}  ({', '.join(RUN_FILES)})")
     return 0
 
 
@@ -186,9 +212,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .run import Run
+    from .api import load_run
 
-    run = Run.load(args.run_dir, precision=args.precision, device=args.device)
+    run = load_run(args.run_dir, precision=args.precision, device=args.device)
     if args.tta is not None:
         run.tta = args.tta
     run.engine = args.engine
@@ -200,10 +226,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from .backbones import _REGISTRY
+    from .models.backbones import describe_backbones
 
-    for name, entry in sorted(_REGISTRY.items()):
-        print(f"{name:22s} {entry.description}")
+    for name, description in describe_backbones().items():
+        print(f"{name:22s} {description}")
     print("plus torchvision classification models by name (vgg16, resnet50, mobilenet_v2, ...) and timm/NAME")
     return 0
 
@@ -212,10 +238,11 @@ GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .api import run_experiment
     from .config import TrainConfig
-    from .experiment import command_line, load_study, run_experiment
+    from .experiment.spec import command_line
+    from .experiment.study import load_study
+    from .io.expdir import TEST, ExperimentDir
 
     kwargs: dict = {"options": {}}
     if args.data_dir.endswith(".toml"):
@@ -235,16 +262,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     result = run_experiment(command=command_line(getattr(args, "argv", sys.argv[1:])), **kwargs)
     best = result.best
     if best:
-        m = best["datasets"]["test"]
+        m = best["datasets"][TEST]
         print(f"selected by {result.results['selection_by']}: {best['label']} ({best['name']}): "
               f"test {_summary(m)}")
     print(f"{result.trained} run(s) trained, {result.skipped} skipped (finished earlier)")
-    print(f"results: {Path(result.directory) / 'results.csv'}, results.md; report: {result.report}")
+    exp = ExperimentDir(result.directory)
+    print(f"results: {exp.results_csv}, {exp.results_markdown.name}; report: {result.report}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from .api import render_report
 
     print(f"report: {render_report(args.exp_dir)}")
     return 0
@@ -258,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by `experiment`
-    from .errors import TransferlabError
-    from .training import TrainingInterrupted
+    from .errors import TrainingInterrupted, TransferlabError
 
     try:
         with _command_logging(getattr(args, "quiet", False)):

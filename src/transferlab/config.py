@@ -10,21 +10,54 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from .backbones import DEFAULT_BACKBONE, POOL_MODES
 from .errors import TransferlabError
-from .heads import parse_head_spec
-from .inference import ENGINES
-from .precision import DEVICES, PRECISIONS
-from .strategies import BN_MODES, STRATEGIES
+from .options import (
+    BN_MODES,
+    CLASS_WEIGHTS,
+    DEFAULT_BACKBONE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_WEIGHT_DECAY,
+    DEVICES,
+    ENGINES,
+    MIN_EPOCHS,
+    OPTIMIZERS,
+    POOL_MODES,
+    PRECISIONS,
+    SAMPLERS,
+    STRATEGIES,
+    BatchNormMode,
+    ClassWeights,
+    Device,
+    Engine,
+    Optimizer,
+    Pool,
+    Precision,
+    Sampler,
+    Strategy,
+    check_choice,
+    parse_head_spec,
+)
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-# SGD (momentum 0.9) needs a larger step than the Adam family; one shared default would make an
-# SGD-vs-Adam comparison unfair.
-DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
-DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "adam": 0.0, "sgd": 1e-4}
-DEFAULT_EPOCHS = {"freeze": 30, "unfreeze": 8, "partial": 8}
-CLASS_WEIGHTS = ("none", "balanced")
-SAMPLERS = ("shuffle", "balanced")
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed numbers; ``None`` as ``high`` means unbounded."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, option: str, value) -> None:
+        bad = value < self.low or (self.low_open and value == self.low)
+        if self.high is not None:
+            bad = bad or value > self.high or (self.high_open and value == self.high)
+        if bad:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open or self.high is None else "]"
+            high = self.high if self.high is not None else "inf"
+            raise TransferlabError(f"--{option} {value}: must be in {left}{self.low}, {high}{right}")
 
 
 @dataclass
@@ -34,14 +67,14 @@ class TrainConfig:
     labels: str | None = None
     backbone: str = DEFAULT_BACKBONE
     weights: str = "default"
-    strategy: str = "unfreeze"
+    strategy: Strategy = "unfreeze"
     unfreeze_last: int = 2
-    bn: str = "frozen"
+    bn: BatchNormMode = "frozen"
     head: str = "256"
     dropout: float = 0.2
-    pool: str = "avg"
+    pool: Pool = "avg"
     image_size: int | None = None
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float | None = None
     backbone_lr_mult: float = 0.1
     weight_decay: float | None = None
@@ -50,8 +83,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     batch_size: int = 32
     label_smoothing: float = 0.1
-    class_weights: str = "none"
-    sampler: str = "shuffle"  # balanced: each epoch draws classes equally often (with replacement)
+    class_weights: ClassWeights = "none"
+    sampler: Sampler = "shuffle"  # balanced: each epoch draws classes equally often (with replacement)
     tta: bool = False  # test-time augmentation for the test split; evaluate/predict inherit it
     augment: bool = True
     test_size: float = 0.2
@@ -59,9 +92,9 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     strict: bool = False
-    precision: str = "auto"
-    device: str = "auto"
-    engine: str = "auto"  # inference engine for feature extraction and testing (transferlab.inference)
+    precision: Precision = "auto"
+    device: Device = "auto"
+    engine: Engine = "auto"  # inference engine for feature extraction and testing (transferlab.runtime.inference)
     cache_dir: str | None = None  # frozen-feature cache; None: the default folder, "none": no cache
 
     @classmethod
@@ -82,50 +115,17 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> TrainConfig:
-        """Check every option; the error names the command-line option."""
-        def choice(option: str, value, allowed) -> None:
-            if value not in allowed:
-                raise TransferlabError(f"--{option} {value}: choose one of {', '.join(map(str, allowed))}")
-
-        def number(option: str, value, low, high=None, low_open=False, high_open=False) -> None:
-            bad = value < low or (low_open and value == low)
-            if high is not None:
-                bad = bad or value > high or (high_open and value == high)
-            if bad:
-                interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
-                           f"{')' if high_open or high is None else ']'}"
-                raise TransferlabError(f"--{option} {value}: must be in {interval}")
-
+        """Check every option against :data:`CHOICES` and :data:`RANGES`; the error names the option."""
         if not self.data_dir:
             raise TransferlabError("DATA_DIR is required")
-        choice("strategy", self.strategy, STRATEGIES)
-        choice("bn", self.bn, BN_MODES)
-        choice("pool", self.pool, POOL_MODES)
-        choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("class-weights", self.class_weights, CLASS_WEIGHTS)
-        choice("sampler", self.sampler, SAMPLERS)
-        choice("precision", self.precision, PRECISIONS)
-        choice("device", self.device, DEVICES)
-        choice("engine", self.engine, ENGINES)
+        for name, allowed in CHOICES.items():
+            check_choice(name.replace("_", "-"), getattr(self, name), allowed)
         parse_head_spec(self.head)
-        number("dropout", self.dropout, 0.0, 1.0, high_open=True)
-        number("label-smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        number("test-size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
-        number("val-size", self.val_size, 0.0, 1.0, high_open=True)
-        number("backbone-lr-mult", self.backbone_lr_mult, 0.0)
-        number("warmup-epochs", self.warmup_epochs, 0.0)
-        number("batch-size", self.batch_size, 1)
-        number("head-epochs", self.head_epochs, 0)
-        number("unfreeze-last", self.unfreeze_last, 1)
-        for option, value in (("lr", self.lr), ("weight-decay", self.weight_decay)):
+        ranges = RANGES | {"epochs": Range(MIN_EPOCHS[self.strategy])}
+        for name, allowed in ranges.items():
+            value = getattr(self, name)
             if value is not None:
-                number(option, value, 0.0, low_open=option == "lr")
-        if self.epochs is not None:
-            number("epochs", self.epochs, 1 if self.strategy == "freeze" else 0)
-        if self.image_size is not None:
-            number("image-size", self.image_size, 32, 1024)
-        if self.patience is not None:
-            number("patience", self.patience, 1)
+                allowed.check(name.replace("_", "-"), value)
         return self
 
     def resolved(self) -> TrainConfig:
@@ -137,3 +137,18 @@ class TrainConfig:
             else DEFAULT_WEIGHT_DECAY[self.optimizer],
             epochs=self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.strategy],
         )
+
+
+# Declarative constraints, checked by TrainConfig.validate (option name = field name with "-" for "_").
+CHOICES: dict[str, tuple[str, ...]] = {
+    "strategy": STRATEGIES, "bn": BN_MODES, "pool": POOL_MODES, "optimizer": OPTIMIZERS,
+    "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "precision": PRECISIONS, "device": DEVICES,
+    "engine": ENGINES,
+}
+RANGES: dict[str, Range] = {
+    "dropout": Range(0.0, 1.0, high_open=True), "label_smoothing": Range(0.0, 1.0, high_open=True),
+    "test_size": Range(0.0, 1.0, low_open=True, high_open=True), "val_size": Range(0.0, 1.0, high_open=True),
+    "backbone_lr_mult": Range(0.0), "warmup_epochs": Range(0.0), "batch_size": Range(1), "head_epochs": Range(0),
+    "unfreeze_last": Range(1), "lr": Range(0.0, low_open=True), "weight_decay": Range(0.0),
+    "image_size": Range(32, 1024), "patience": Range(1),
+}

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,11 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Sample, collect_decoded, iter_decoded
+from .data.decode import decode_workers
+from .data.discovery import Sample
+from .data.images import collect_decoded, iter_decoded
 from .errors import TransferlabError
-from .fileio import atomic_path
-from .precision import Policy, decode_workers
-from .preprocessing import PreprocessConfig
+from .io.digest import file_digest
+from .io.files import atomic_path
+from .progress import progress_bar
+from .provenance import result_versions
+from .runtime.inference import forward_fn, predict_in_batches
+from .runtime.precision import Policy
 
 log = logging.getLogger("transferlab")
 
@@ -42,36 +48,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "transferlab"
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest, for the runs of one process
+def cache_root(option: str | None) -> Path | None:
+    """``--cache-dir``: None -> the default folder; "none" -> no cache."""
+    if option == "none":
+        return None
+    return Path(option) if option else default_cache_dir()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """Content digest of a file. Remembered per (path, inode, size, mtime) within a process, so the runs
-    of an experiment read each image once; a file rewritten in place gets a new mtime and is re-read."""
-    st = os.stat(path)
-    memo_key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if memo_key in _DIGESTS:
-        return _DIGESTS[memo_key]
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    _DIGESTS[memo_key] = digest.hexdigest()
-    return _DIGESTS[memo_key]
-
-
-def model_key(model, preprocess: PreprocessConfig, policy: Policy, view: str = "center") -> str:
+def model_key(model, policy: Policy, view: str = "center") -> str:
     """Hash of everything that changes a pooled feature vector of ``model.features`` (``view``: which
-    deterministic view of the image, see :data:`~transferlab.preprocessing.TTA_VIEWS`)."""
-    import timm
-    import torchvision
-
-    from . import __version__
-
+    deterministic view of the image, see :data:`~transferlab.models.preprocessing.TTA_VIEWS`)."""
     digest = hashlib.sha256()
-    spec = {"backbone": model.backbone.name, "pool": model.pool, "preprocess": preprocess.to_dict(),
-            "precision": policy.precision, "device": policy.device, "transferlab": __version__,
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    spec = {"backbone": model.backbone.name, "pool": model.pool, "preprocess": model.backbone.preprocess.to_dict(),
+            "precision": policy.precision, "device": policy.device, **result_versions()}
     if view != "center":  # keys of centre-crop features stay as they were before views existed
         spec["view"] = view
     digest.update(json.dumps(spec, sort_keys=True).encode())
@@ -93,12 +82,14 @@ class FeatureCache:
     """On-disk store of feature vectors keyed by (model key, image digest); ``root=None`` disables it.
 
     Vectors read or written are also kept in memory (up to :attr:`MEMORY_BYTES` per process, least
-    recently used dropped first), so the runs of an experiment read each file once.
+    recently used dropped first, shared by every cache object and guarded by a lock), so the runs of an
+    experiment read each file once.
     """
 
     MEMORY_BYTES = 512 * 2**20
     _memory: OrderedDict[Path, tuple[tuple, torch.Tensor]] = OrderedDict()  # path -> (file stat, vector)
     _memory_bytes = 0
+    _lock = threading.Lock()
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root) / "features" if root is not None else None
@@ -112,16 +103,31 @@ class FeatureCache:
             st = os.stat(path)
         except OSError:
             return
-        cls._forget(path)
-        cls._memory[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), vector)
-        cls._memory_bytes += vector.nbytes
-        while cls._memory_bytes > cls.MEMORY_BYTES and cls._memory:
-            cls._memory_bytes -= cls._memory.popitem(last=False)[1][1].nbytes
+        with cls._lock:
+            cls._forget_locked(path)
+            cls._memory[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), vector)
+            cls._memory_bytes += vector.nbytes
+            while cls._memory_bytes > cls.MEMORY_BYTES and cls._memory:
+                cls._memory_bytes -= cls._memory.popitem(last=False)[1][1].nbytes
 
     @classmethod
     def _forget(cls, path: Path) -> None:
+        with cls._lock:
+            cls._forget_locked(path)
+
+    @classmethod
+    def _forget_locked(cls, path: Path) -> None:
         if path in cls._memory:
             cls._memory_bytes -= cls._memory.pop(path)[1].nbytes
+
+    @classmethod
+    def _recall(cls, path: Path, stat: tuple) -> torch.Tensor | None:
+        with cls._lock:
+            remembered = cls._memory.get(path)
+            if remembered is None or remembered[0] != stat:
+                return None
+            cls._memory.move_to_end(path)
+            return remembered[1]
 
     def get(self, key: str, digest: str) -> torch.Tensor | None:
         if self.root is None:
@@ -132,10 +138,9 @@ class FeatureCache:
         except OSError:
             self._forget(path)
             return None
-        remembered = self._memory.get(path)
-        if remembered is not None and remembered[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
-            self._memory.move_to_end(path)
-            return remembered[1]
+        remembered = self._recall(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+        if remembered is not None:
+            return remembered
         try:
             vector = torch.from_numpy(np.load(path, allow_pickle=False))
         except FileNotFoundError:
@@ -161,56 +166,72 @@ class FeatureCache:
         self._remember(path, vector)
 
 
-def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig, policy: Policy,
-                     cache: FeatureCache, images: dict[Sample, torch.Tensor] | None = None,
-                     strict: bool = False, batch_size: int = 64, view: str = "center",
-                     engine: str = "auto") -> FeatureResult:
-    """Pooled features of ``model.features`` (model in eval mode) for each sample, from the cache where
-    possible. Images are decoded only for cache misses (or taken from ``images`` when given)."""
-    from .inference import forward_fn
-    from .progress import progress_bar
-    from .training import predict_in_batches
+def _digest_or_none(sample: Sample) -> str | None:
+    try:
+        return file_digest(sample.path)
+    except OSError:
+        return None  # unreadable: decoding reports the reason
 
-    key = model_key(model, preprocess, policy, view) if cache.root is not None else ""
-    result = FeatureResult({})
-    todo: list[tuple[Sample, str | None]] = []
-    if cache.root is not None:
-        def digest_of(sample: Sample) -> str | None:
-            try:
-                return file_digest(sample.path)
-            except OSError:
-                return None  # unreadable: decoding reports the reason
+
+class FeatureExtractor:
+    """Pooled features of ``model.features`` (eval mode, preprocessing ``model.backbone.preprocess``) per
+    sample, from the cache where possible; images are decoded only for cache misses (or taken from the
+    decoded ``images`` a caller already holds)."""
+
+    def __init__(self, model, policy: Policy, cache: FeatureCache, engine: str = "auto", batch_size: int = 64):
+        self.model, self.policy, self.cache, self.engine, self.batch_size = model, policy, cache, engine, batch_size
+
+    def extract(self, samples: list[Sample], images: dict[Sample, torch.Tensor] | None = None,
+                strict: bool = False, view: str = "center") -> FeatureResult:
+        key = model_key(self.model, self.policy, view) if self.cache.root is not None else ""
+        result = FeatureResult({})
+        todo = self._lookup(samples, key, result)
+        result.hits = len(result.features)
+        if todo:
+            self._compute(todo, key, result, images, strict, view)
+            result.misses = len(result.features) - result.hits
+        if self.cache.root is not None:
+            log.info("features%s: %d from cache, %d computed", "" if view == "center" else f" ({view})",
+                     result.hits, result.misses)
+        return result
+
+    def _lookup(self, samples: list[Sample], key: str, result: FeatureResult) -> dict[Sample, str | None]:
+        """Fill ``result`` with cached vectors; return the misses with their file digests (None: unknown)."""
+        if self.cache.root is None:
+            return {s: None for s in samples}
         with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
-            digests = list(pool.map(digest_of, samples))
+            digests = list(pool.map(_digest_or_none, samples))
+        todo = {}
         for sample, digest in zip(samples, digests, strict=True):
-            vector = cache.get(key, digest) if digest else None
+            vector = self.cache.get(key, digest) if digest else None
             if vector is None:
-                todo.append((sample, digest))
+                todo[sample] = digest
             else:
                 result.features[sample] = vector
-    else:
-        todo = [(s, None) for s in samples]
-    result.hits = len(result.features)
-    if todo:
-        digest_of_sample = dict(todo)
-        missing = [s for s, _ in todo]
+        return todo
+
+    def _compute(self, todo: dict[Sample, str | None], key: str, result: FeatureResult,
+                 images: dict[Sample, torch.Tensor] | None, strict: bool, view: str) -> None:
+        model, preprocess = self.model, self.model.backbone.preprocess
+        missing = list(todo)
         model.eval()
-        extract = forward_fn(model.features, policy, engine, preprocess.input_size, len(missing), owner=model)
+        extract = forward_fn(model.features, self.policy, self.engine, preprocess.input_size, len(missing),
+                             owner=model)
         batch: list[tuple[Sample, torch.Tensor]] = []
 
         def flush() -> None:
-            vectors = predict_in_batches(extract, [image for _, image in batch], preprocess, policy,
-                                         batch_size, view=view)
+            vectors = predict_in_batches(extract, [image for _, image in batch], preprocess, self.policy,
+                                         self.batch_size, view=view)
             for (sample, _), vector in zip(batch, vectors, strict=True):
                 vector = vector.clone()
                 result.features[sample] = vector
-                if digest_of_sample[sample]:
-                    cache.put(key, digest_of_sample[sample], vector)
+                if todo[sample]:
+                    self.cache.put(key, todo[sample], vector)
             batch.clear()
 
         def add(sample: Sample, image: torch.Tensor) -> None:
             batch.append((sample, image))
-            if len(batch) == batch_size:
+            if len(batch) == self.batch_size:
                 flush()
 
         desc = "features" if view == "center" else f"features ({view})"
@@ -219,13 +240,7 @@ def compute_features(samples: list[Sample], model, preprocess: PreprocessConfig,
                 if sample in images:
                     add(sample, images[sample])
         else:  # decoding of the next images overlaps the forward pass of this batch
-            result.skipped = collect_decoded(missing, iter_decoded([s.path for s in missing], preprocess,
-                                                                   lookahead=2 * batch_size),
-                                             strict=strict, desc=desc, on_image=add).skipped
+            decoded = iter_decoded([s.path for s in missing], preprocess, lookahead=2 * self.batch_size)
+            result.skipped = collect_decoded(missing, decoded, strict=strict, desc=desc, on_image=add).skipped
         if batch:
             flush()
-        result.misses = len(result.features) - result.hits
-    if cache.root is not None:
-        log.info("features%s: %d from cache, %d computed", "" if view == "center" else f" ({view})",
-                 result.hits, result.misses)
-    return result

@@ -1,68 +1,74 @@
-"""Figures (matplotlib, Agg backend), each written atomically as a PNG."""
+"""Figures, each written atomically as a PNG.
+
+Drawn on :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot: a notebook user's
+backend and pyplot's global list of open figures are left alone, and drawing is safe from several threads.
+"""
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
-from collections import OrderedDict
 
 import numpy as np
 
-from .fileio import atomic_path, write_bytes
-
-# PNG bytes of figures already drawn in this process, by their inputs: the runs of an experiment share
-# class distributions (and often confusion matrices), and drawing is most of what saving a run costs.
-_DRAWN: OrderedDict[str, bytes] = OrderedDict()
-_DRAWN_MAX = 64
+from .io.files import write_bytes
 
 
-def _drawn_once(draw):
-    @functools.wraps(draw)
-    def wrapper(*args, **kwargs):
-        names = draw.__code__.co_varnames[:draw.__code__.co_argcount]
-        call = dict(zip(names, args, strict=False)) | kwargs
-        target = call.pop("target")
-        key = json.dumps([draw.__name__, call], sort_keys=True, default=str)
-        if key in _DRAWN:
-            _DRAWN.move_to_end(key)
-            write_bytes(target, _DRAWN[key])
-            return
-        draw(*args, **kwargs)
-        with open(target, "rb") as fh:
-            _DRAWN[key] = fh.read()
-        if len(_DRAWN) > _DRAWN_MAX:
-            _DRAWN.popitem(last=False)
-    return wrapper
+def _png_bytes(fig) -> bytes:
+    """Render a figure with the Agg canvas: no pyplot, so the caller's matplotlib backend is never touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
-def _save(fig, target: str | os.PathLike) -> None:
-    plt = _pyplot()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+# The runs of an experiment share class distributions (and often confusion matrices), and drawing is most
+# of what saving a run costs: PNG bytes are remembered by the figure's inputs (JSON text, so hashable).
+# lru_cache is bounded and safe to call from several threads.
+@functools.lru_cache(maxsize=64)
+def _drawn(kind: str, arguments: str) -> bytes:
+    return _DRAW[kind](**json.loads(arguments))
 
 
-@_drawn_once
+def _write_figure(kind: str, target: str | os.PathLike, **arguments) -> None:
+    # no sort_keys: the order of dict entries (metrics, splits) is the order of bars and legends
+    write_bytes(target, _drawn(kind, json.dumps(arguments)))
+
+
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str], target: str | os.PathLike,
                          title: str = "Confusion matrix (test)") -> None:
     """Counts (left) and row-normalised recall (right); rows are true classes, columns predictions."""
-    plt = _pyplot()
+    _write_figure("confusion_matrix", target, matrix=matrix, classes=classes, title=title)
+
+
+def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.PathLike) -> None:
+    """Grouped bar graph: images per class, one bar per split. ``counts``: split -> class -> count."""
+    _write_figure("class_distribution", target, counts=counts)
+
+
+def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch, train and validation (when there is a validation split)."""
+    _write_figure("training_curves", target, history=history)
+
+
+def _draw_confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
     cm = np.asarray(matrix, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     k = len(classes)
     side = min(3 + 0.45 * k, 14)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    fig = _figure((2 * side + 1, side))
+    axes = fig.subplots(1, 2)
     for ax, data, fmt, sub in ((axes[0], cm, "{:.0f}", "counts"), (axes[1], norm, "{:.2f}", "row-normalised")):
         ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
         ax.set_xticks(range(k), classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
@@ -76,17 +82,15 @@ def confusion_matrix_png(matrix: list[list[int]], classes: list[str], target: st
                     ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if data[i, j] > 0.6 * data.max() else "black")
     fig.tight_layout()
-    _save(fig, target)
+    return _png_bytes(fig)
 
 
-@_drawn_once
-def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.PathLike) -> None:
-    """Grouped bar graph: images per class, one bar per split. ``counts``: split -> class -> count."""
-    plt = _pyplot()
+def _draw_class_distribution(counts: dict[str, dict[str, int]]) -> bytes:
     splits = [s for s in counts if counts[s]]
     classes = list(next(iter(counts.values())).keys())
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.5 * k, 20), 4.5))
+    fig = _figure((min(4 + 0.5 * k, 20), 4.5))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(splits))
     x = np.arange(k)
     for i, split in enumerate(splits):
@@ -99,15 +103,13 @@ def class_distribution_png(counts: dict[str, dict[str, int]], target: str | os.P
     ax.set_title("Class distribution")
     ax.legend()
     fig.tight_layout()
-    _save(fig, target)
+    return _png_bytes(fig)
 
 
-@_drawn_once
-def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
-    """Loss and accuracy per epoch, train and validation (when there is a validation split)."""
-    plt = _pyplot()
+def _draw_training_curves(history: list[dict]) -> bytes:
     epochs = list(range(1, len(history) + 1))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure((11, 4))
+    axes = fig.subplots(1, 2)
     for ax, key in ((axes[0], "loss"), (axes[1], "acc")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label="train")
         val = [row.get(f"val_{key}") for row in history]
@@ -123,22 +125,29 @@ def training_curves_png(history: list[dict], target: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    _save(fig, target)
+    return _png_bytes(fig)
 
 
-def comparison_png(labels: list[str], values: dict[str, list[float | None]], errors: dict[str, list[float | None]],
-                   target: str | os.PathLike, title: str = "Comparison (test)", reference: list[bool] | None = None,
-                   separators: list[int] | None = None) -> None:
+def comparison_png(chart: dict, target: str | os.PathLike, title: str = "Comparison (test)") -> None:
     """Grouped horizontal bars: one group per configuration (top to bottom in the given order), one bar per
-    metric, the value printed at the end of each bar, error bars (std over seeds) where given. Reference
-    rows are hatched; ``separators`` are indices where a new group of the grid starts (a thin line)."""
-    plt = _pyplot()
+    metric, the value printed at the end of each bar, error bars (std over seeds) where given. ``chart``:
+    ``labels``, ``values`` and ``errors`` (metric -> one value per label), ``reference`` (flags: hatched
+    rows) and ``separators`` (indices where a new group of the grid starts: a thin line)."""
+    _write_figure("comparison", target, title=title, **chart)
+
+
+def _draw_comparison(labels: list[str], values: dict[str, list[float | None]],
+                     errors: dict[str, list[float | None]], title: str, reference: list[bool] | None = None,
+                     separators: list[int] | None = None) -> bytes:
+    import matplotlib
+
     metrics = list(values)
     n, m = len(labels), len(metrics)
     reference = reference or [False] * n
     bar_h = 0.8 / max(1, m)
-    fig, ax = plt.subplots(figsize=(10, 1.2 + n * (0.32 * m + 0.25)))
-    colors = plt.get_cmap("tab10").colors
+    fig = _figure((10, 1.2 + n * (0.32 * m + 0.25)))
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["tab10"].colors
     y = np.arange(n)
     for j, metric in enumerate(metrics):
         pos = y + (j - (m - 1) / 2) * bar_h
@@ -167,4 +176,8 @@ def comparison_png(labels: list[str], values: dict[str, list[float | None]], err
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.25 / max(3, n)), ncol=m, frameon=False,
               fontsize=9)
     fig.tight_layout()
-    _save(fig, target)
+    return _png_bytes(fig)
+
+
+_DRAW = {"confusion_matrix": _draw_confusion_matrix, "class_distribution": _draw_class_distribution,
+         "training_curves": _draw_training_curves, "comparison": _draw_comparison}

@@ -1,20 +1,12 @@
-"""A run directory: the stable contract between training, evaluation, prediction and reports.
+"""A trained run, loaded from (or just written to) its run directory: predict with it.
 
-RUN_DIR/model.safetensors   weights of backbone + head (contiguous tensors)
-RUN_DIR/config.json         format_version, backbone and weights source, classes in index order,
-                            preprocessing, every training option, versions, SHA-256 of the weights
-RUN_DIR/metrics.json        test-split metrics; history.csv; data_report.json; *.png figures
-RUN_DIR/test_predictions.csv  path, true, pred, score and per-class probabilities of each test image
-
-A frozen-backbone run of an experiment splits its weights: backbone.safetensors (a hard link to a
-content-addressed file shared by the experiment's runs) and model.safetensors (the head); config.json's
-``weight_files`` lists every weight file with its SHA-256.
-
-Loading never executes code from the directory: JSON and safetensors only.
+The files themselves are named, written and read by :mod:`transferlab.io.rundir`; the model is built by
+:func:`transferlab.models.build.build_model`, the one build path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -22,19 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .data import is_image_file, iter_decoded
+from .data.discovery import is_image_file
+from .data.images import iter_decoded
 from .errors import TransferlabError
-from .fileio import read_json, sha256_file
-from .precision import Policy, resolve_policy
-from .preprocessing import PreprocessConfig
+from .io.rundir import RunConfigRecord, RunDir
+from .models.build import ModelSpec, build_model
+from .models.preprocessing import PreprocessConfig
+from .runtime.inference import InferenceOptions, predict_logits
+from .runtime.precision import Policy, resolve_policy
 
 log = logging.getLogger("transferlab")
-
-FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
-TEST_PREDICTIONS_FILE = "test_predictions.csv"
-CONFIG_FILE = "config.json"
 
 
 def expand_image_paths(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -51,9 +40,10 @@ def expand_image_paths(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 class Run:
-    """A trained model with its configuration, loaded from (or just written to) a run directory."""
+    """A trained model with its configuration (config.json's record), loaded from or just written to a run
+    directory."""
 
-    def __init__(self, directory: str | os.PathLike, config: dict, model: torch.nn.Module,
+    def __init__(self, directory: str | os.PathLike, config: RunConfigRecord, model: torch.nn.Module,
                  policy: Policy | None = None):
         self.directory = Path(directory)
         self.config = config
@@ -62,64 +52,31 @@ class Run:
         self.classes: list[str] = list(config["classes"])
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
         self.tta: bool = bool(config.get("train", {}).get("tta", False))  # test-time augmentation
-        self.engine: str = "auto"  # inference engine, see transferlab.inference
+        self.engine: str = "auto"  # inference engine, see transferlab.runtime.inference
 
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, backbone={self.config['backbone']['name']!r}, classes={self.classes})"
 
     @property
     def metrics(self) -> dict | None:
-        path = self.directory / "metrics.json"
-        return read_json(path) if path.is_file() else None
+        return RunDir(self.directory).read_metrics()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, precision: str = "auto", device: str = "auto") -> Run:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from .backbones import create_backbone
-        from .model import TransferModel
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise TransferlabError(f"RUN_DIR {directory}: folder not found")
-        config = read_json(directory / CONFIG_FILE)
-        if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
-            raise TransferlabError(f"{directory / CONFIG_FILE}: not a transferlab run config "
-                                   f"(format_version {FORMAT_VERSION} expected)")
-        weight_files = config.get("weight_files") or {MODEL_FILE: config.get("model_sha256")}
-        if not isinstance(weight_files, dict):
-            raise TransferlabError(f"{directory / CONFIG_FILE}: 'weight_files' must be an object")
-        state: dict[str, torch.Tensor] = {}
-        for name, expected in weight_files.items():
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise TransferlabError(f"{directory / CONFIG_FILE}: weight file {name!r} must be a file name "
-                                       "inside the run directory")
-            model_path = directory / name
-            if not model_path.is_file():
-                raise TransferlabError(f"{model_path}: file not found")
-            if expected and sha256_file(model_path) != expected:
-                raise TransferlabError(f"{model_path}: SHA-256 differs from config.json (file changed or corrupted)")
-            try:
-                part = load_file(str(model_path))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise TransferlabError(f"{model_path}: cannot read ({exc})") from None
-            overlap = sorted(set(part) & set(state))
-            if overlap:
-                raise TransferlabError(f"{model_path}: tensor '{overlap[0]}' is also in another weight file")
-            state.update(part)
-        train = config["train"]
-        backbone = create_backbone(config["backbone"]["name"], weights="none")
-        backbone.preprocess = PreprocessConfig.from_dict(config["preprocess"])
-        model = TransferModel(backbone, len(config["classes"]), train["head"], train["dropout"], train["pool"])
+        run_dir = RunDir(directory)
+        config = run_dir.read_config()
+        state = run_dir.read_weights(config)
+        policy = resolve_policy(precision, device)
+        # the architecture of the training, its weights from the run directory
+        spec = dataclasses.replace(ModelSpec.of(config["train"]), backbone=config["backbone"]["name"], weights="none")
+        model = build_model(spec, len(config["classes"]), policy,
+                            preprocess=PreprocessConfig.from_dict(config["preprocess"]))
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            where = model_path if len(weight_files) == 1 else f"{directory} ({', '.join(weight_files)})"
-            raise TransferlabError(f"{where}: does not match config.json "
+            raise TransferlabError(f"{run_dir.weights_description(config)}: does not match config.json "
                                    f"({str(exc).splitlines()[0]})") from None
-        policy = resolve_policy(precision, device)
-        return cls(directory, config, policy.prepare_model(model), policy)
+        return cls(run_dir.path, config, model, policy)
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -129,13 +86,10 @@ class Run:
         """Class probabilities for decoded images (uint8, short side = resize_size); averaged over the
         test-time augmentation views when ``self.tta``. ``n_images``: the total when the caller sends the
         images in several calls (it decides whether exporting the model to ONNX Runtime pays)."""
-        from .training import predict_logits
-
         self.model.eval()
-        logits = predict_logits(self.model, images, self.preprocess, self.policy, self.tta, batch_size,
-                                engine=self.engine, n_images=n_images)
+        logits = predict_logits(self.model, images, self.policy, InferenceOptions(self.engine, self.tta, batch_size),
+                                n_images=n_images)
         return torch.softmax(logits, dim=1) if len(logits) else logits
-
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
                          batch_size: int = 32) -> Iterator[dict]:
         """One dict per image file: ``{path, label, score, top_k}`` or ``{path, error}``."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..options import parse_head_spec
 from .backbones import Backbone
-from .heads import make_head, parse_head_spec
+from .heads import make_head
 
 
 @torch.no_grad()

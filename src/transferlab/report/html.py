@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import os
 from pathlib import Path
 
-from .experiment import (
-    TEST,
-    cross_table,
-    dataset_title,
-    read_predictions,
-    results_table,
-    runs_table,
-    write_results,
-)
-from .fileio import write_text
+from .. import __version__
+from ..data.decode import ImageDecodeError, load_rgb
+from ..io.expdir import TEST, ExperimentDir
+from ..io.files import write_text
+from ..io.rundir import RunDir
+from .tables import cross_table, dataset_title, results_table, runs_table
+from .write import write_results
 
 log = logging.getLogger("transferlab")
 
@@ -36,8 +34,6 @@ def thumbnail_uri(path: str | os.PathLike, size: int = THUMBNAIL) -> str | None:
     """A JPEG thumbnail (EXIF orientation applied) as a data: URI; None when the file cannot be read."""
     from PIL import Image
 
-    from .data import ImageDecodeError, load_rgb
-
     try:
         im = load_rgb(path)
     except (ImageDecodeError, OSError):
@@ -51,7 +47,7 @@ def thumbnail_uri(path: str | os.PathLike, size: int = THUMBNAIL) -> str | None:
 
 def top_losses(run: dict, limit: int = TOP_LOSSES) -> list[dict]:
     """The run's most confidently misclassified test images, highest score of the wrong class first."""
-    wrong = [r for r in read_predictions(run["dir"]) if r["true"] != r["pred"]]
+    wrong = [r for r in RunDir(run["dir"]).read_test_predictions() if r["true"] != r["pred"]]
     wrong.sort(key=lambda r: -float(r["score"]))
     out = []
     for r in wrong[:limit]:
@@ -80,70 +76,66 @@ def _skipped(results: dict) -> list[dict]:
     return out
 
 
-def render_report(exp_dir: str | os.PathLike, results: dict | None = None) -> Path:
-    """Render EXP_DIR/report.html from the files on disk (re-writing results.* and the charts first when
-    ``results`` is not given)."""
-    import jinja2
-
-    from . import __version__
-
-    exp_dir = Path(exp_dir)
-    if results is None:
-        results = write_results(exp_dir)
-    results.setdefault("figures", {})
-    figures = {d: _data_uri(exp_dir / name) for d, name in results["figures"].items()}
-    finished = [r for r in results["runs"] if r["finished"]]
-    per_run = []
-    for r in sorted(finished, key=lambda r: r["rank"]):
-        run_dir = Path(r["dir"])
+def _per_run(results: dict) -> list[dict]:
+    """Each finished run's figures (confusion matrices, training curves), best rank first."""
+    out = []
+    for r in sorted([r for r in results["runs"] if r["finished"]], key=lambda r: r["rank"]):
+        run_dir = RunDir(r["dir"])
         evals = []
         for d in results["datasets"][1:]:
-            uri = _data_uri(run_dir / "evaluations" / d / "confusion_matrix.png")
+            uri = _data_uri(run_dir.evaluation(d).confusion_matrix)
             if uri:
                 evals.append({"name": d, "uri": uri})
-        per_run.append({"run": r, "confusion": _data_uri(run_dir / "confusion_matrix.png"),
-                        "curves": _data_uri(run_dir / "training_curves.png"), "evals": evals})
+        out.append({"run": r, "confusion": _data_uri(run_dir.confusion_matrix),
+                    "curves": _data_uri(run_dir.training_curves), "evals": evals})
+    return out
+
+
+def _context(exp: ExperimentDir, results: dict) -> dict:
+    figures = {d: _data_uri(exp.path / name) for d, name in results["figures"].items()}
+    finished = [r for r in results["runs"] if r["finished"]]
     first = finished[0] if finished else None
     data_report = first["data_report"] if first else {}
-    counts = data_report.get("counts", {})
     n_test = (results["best"] or {}).get("datasets", {}).get(TEST, {}).get("n_test")
-    env = results["meta"].get("environment", {})
     policies = sorted({f"{r['policy']['device']} {r['policy']['precision']}"
                        + (" channels_last" if r["policy"].get("channels_last") else "")
                        for r in finished if r.get("policy")})
     references = results.get("references") or {}
-    context = {
+    return {
         "results": results, "meta": results["meta"], "version": __version__,
         "tables": [{"title": dataset_title(results, d), "figure": figures.get(d), "table": results_table(results, d),
                     "dataset": d} for d in results["datasets"]],
         "runs_table": runs_table(results) if len(results["seeds"]) > 1 else None,
-        "cross": cross_table(results), "per_run": per_run,
-        "class_distribution": _data_uri(exp_dir / "class_distribution.png"),
-        "counts": counts, "classes": data_report.get("classes") or (first or {}).get("classes") or [],
+        "cross": cross_table(results), "per_run": _per_run(results),
+        "class_distribution": _data_uri(exp.class_distribution),
+        "counts": data_report.get("counts", {}),
+        "classes": data_report.get("classes") or (first or {}).get("classes") or [],
         "layout": data_report.get("layout"), "skipped": _skipped(results),
         "ignored": len(data_report.get("ignored_non_images") or []),
         "best": results["best"], "second": results["second"], "mcnemar": results["mcnemar"],
         "one_image": 100.0 / n_test if n_test else None, "n_test": n_test,
         "top_losses": top_losses(results["best"]) if results["best"] else [],
         "leakage": references.get("leakage"), "leakage_rows": _leakage_rows(references.get("leakage")),
-        "references": references, "env": env, "policies": policies,
+        "references": references, "env": results["meta"].get("environment", {}), "policies": policies,
         "pending": [r["name"] for r in results["runs"] if not r["finished"]],
-        "config_json": _first_config_json(finished),
+        "config_json": json.dumps(finished[0]["config"], indent=2) if finished else "",
     }
-    loader = jinja2.PackageLoader("transferlab", "templates")
+
+
+def render_report(exp_dir: str | os.PathLike, results: dict | None = None) -> Path:
+    """Render EXP_DIR/report.html from the files on disk (re-writing results.* and the charts first when
+    ``results`` is not given)."""
+    import jinja2
+
+    exp = ExperimentDir(exp_dir)
+    if results is None:
+        results = write_results(exp.path)
+    results.setdefault("figures", {})
+    loader = jinja2.PackageLoader("transferlab.report", "templates")
     environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"
-    html = environment.get_template("report.html.j2").render(**context)
-    target = exp_dir / "report.html"
-    write_text(target, html)
-    log.info("report: %s", target)
-    return target
-
-
-def _first_config_json(finished: list[dict]) -> str:
-    import json
-
-    if not finished:
-        return ""
-    return json.dumps(finished[0]["config"], indent=2)
+    html = environment.get_template("report.html.j2").render(**_context(exp, results))
+    write_text(exp.report, html)
+    log.info("report: %s", exp.report)
+    return exp.report

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from .errors import TransferlabError
-from .fileio import atomic_path, read_json, sha256_file, write_json
+from ..errors import TransferlabError
+from .digest import sha256_file
+from .files import atomic_path, read_json, write_json
+from .rundir import RunDir
 
 log = logging.getLogger("transferlab")
-
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
 
 
 @dataclass
@@ -61,40 +59,51 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, stage: str, epoch: int, module: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, history: list[dict], callbacks_state: dict,
-                    extra_tensors: dict[str, torch.Tensor], config: dict) -> None:
+@dataclass
+class TrainingState:
+    """What a checkpoint captures of a training stage after one of its epochs."""
+
+    stage: str
+    epoch: int
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list[dict]  # rows of every stage so far
+    callbacks: dict = field(default_factory=dict)  # callback name -> JSON-able state
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # callbacks' tensors
+
+
+def save_checkpoint(run_dir: RunDir, state: TrainingState, config: dict) -> None:
     from safetensors.torch import save_file
 
-    folder = run_dir / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    optim_tensors, optim_meta = _optimizer_parts(optimizer)
-    tensors = {f"module.{k}": v for k, v in module.state_dict().items()} | optim_tensors | extra_tensors
+    run_dir.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    optim_tensors, optim_meta = _optimizer_parts(state.optimizer)
+    tensors = {f"module.{k}": v for k, v in state.module.state_dict().items()} | optim_tensors | state.extra_tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    name = f"state-{stage}-{epoch}.safetensors"
-    with atomic_path(folder / name) as tmp:
+    path = run_dir.checkpoint_tensors(state.stage, state.epoch)
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    write_json(folder / STATE_FILE, {
-        "stage": stage, "epoch": epoch, "tensor_file": name, "sha256": sha256_file(folder / name),
-        "history": history, "optimizer": optim_meta, "scheduler": scheduler_state,
-        "callbacks": callbacks_state, "config": config,
+    scheduler_state = {k: v for k, v in state.scheduler.state_dict().items() if k != "lr_lambdas"}
+    write_json(run_dir.checkpoint_state, {
+        "stage": state.stage, "epoch": state.epoch, "tensor_file": path.name, "sha256": sha256_file(path),
+        "history": state.history, "optimizer": optim_meta, "scheduler": scheduler_state,
+        "callbacks": state.callbacks, "config": config,
     })
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != name:
+    for old in run_dir.checkpoint_dir.glob(run_dir.checkpoint_tensors("*", "*").name):
+        if old != path:
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(run_dir: Path, config: dict) -> Checkpoint | None:
+def load_checkpoint(run_dir: RunDir, config: dict) -> Checkpoint | None:
     """The checkpoint in RUN_DIR, or None. A checkpoint of another configuration is an error."""
     from safetensors.torch import load_file
 
-    folder = run_dir / CHECKPOINT_DIR
-    if not (folder / STATE_FILE).is_file():
+    folder = run_dir.checkpoint_dir
+    if not run_dir.checkpoint_state.is_file():
         return None
-    meta = read_json(folder / STATE_FILE)
+    meta = read_json(run_dir.checkpoint_state)
     if json.dumps(meta.get("config"), sort_keys=True) != json.dumps(config, sort_keys=True):
-        raise TransferlabError(f"{run_dir}: holds a checkpoint of a different configuration; use another --out, "
+        raise TransferlabError(f"{run_dir.path}: holds a checkpoint of a different configuration; use another --out, "
                                f"or delete {folder} to start over")
     tensor_path = folder / meta["tensor_file"]
     if not tensor_path.is_file() or sha256_file(tensor_path) != meta["sha256"]:
@@ -103,8 +112,8 @@ def load_checkpoint(run_dir: Path, config: dict) -> Checkpoint | None:
     return Checkpoint(meta["stage"], int(meta["epoch"]), load_file(str(tensor_path)), meta)
 
 
-def remove_checkpoint(run_dir: Path) -> None:
-    folder = run_dir / CHECKPOINT_DIR
+def remove_checkpoint(run_dir: RunDir) -> None:
+    folder = run_dir.checkpoint_dir
     if folder.is_dir():
         for path in folder.iterdir():
             path.unlink(missing_ok=True)

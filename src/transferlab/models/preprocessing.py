@@ -4,7 +4,7 @@ A :class:`PreprocessConfig` travels with the weights (the backbone registry crea
 stores it) so that training, evaluation and prediction always resize, crop and normalise the way the
 pretrained weights expect.
 
-Images are decoded once (see :mod:`transferlab.data`) to uint8 tensors whose short side is
+Images are decoded once (see :mod:`transferlab.data.decode`) to uint8 tensors whose short side is
 ``resize_size``; the transforms here take it from there: centre crop for evaluation, random resized
 crop + flip for training, then scaling and normalisation.
 """
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where pixels are transformed: the config itself must load without it
+    import torch
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
@@ -58,6 +60,8 @@ class PreprocessConfig:
 
 
 def _normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    import torch
+
     mean = torch.tensor(cfg.mean).view(-1, 3, 1, 1) * 255.0
     std = torch.tensor(cfg.std).view(-1, 3, 1, 1) * 255.0
     return (batch_uint8.float() - mean) / std
@@ -92,6 +96,8 @@ def _view(image: torch.Tensor, cfg: PreprocessConfig, view: str) -> torch.Tensor
 def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig, view: str = "center") -> torch.Tensor:
     """Decoded uint8 images (short side = resize_size) -> normalised float batch of one view
     (``center``, the default, or another of :data:`TTA_VIEWS`)."""
+    import torch
+
     if view not in TTA_VIEWS:
         raise ValueError(f"view must be one of {TTA_VIEWS}, got {view!r}")
     return _normalize(torch.stack([_view(im, cfg, view) for im in images]), cfg)
@@ -120,4 +126,6 @@ class TrainAugment:
         )
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return _normalize(torch.stack([self.transform(im) for im in images]), self.cfg)

@@ -13,19 +13,22 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import TransferlabError
+from ..errors import TransferlabError
+from ..models.preprocessing import TTA_VIEWS, PreprocessConfig, eval_batch
+from ..options import ENGINES
+from ..progress import progress_bar
 from .precision import Policy
 
 log = logging.getLogger("transferlab")
-
-ENGINES = ("auto", "torch", "onnxruntime")
 # Below this many images the export (~1 s) costs more than ONNX Runtime saves (~15 ms per image).
 MIN_IMAGES_FOR_EXPORT = 64
 
@@ -91,8 +94,10 @@ class OnnxRunner:
 
 
 # owner module -> {graph name: (weights signature, runner)}: re-used while the weights are unchanged (TTA
-# views, predict batches), rebuilt after they change (a fine-tuned model)
+# views, predict batches), rebuilt after they change (a fine-tuned model). Bounded by the owners' lifetimes
+# (weak keys); the lock makes look-up and export one step for threads sharing a model (a web server).
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUNNERS_LOCK = threading.Lock()
 
 
 def _weights_signature(module: nn.Module) -> tuple:
@@ -110,19 +115,70 @@ def forward_fn(module: nn.Module | Callable, policy: Policy, engine: str, input_
         return module
     key = owner if owner is not None else module
     name = getattr(module, "__name__", "forward")
-    signature = (input_size, _weights_signature(key))
-    runners = _RUNNERS.setdefault(key, {})
-    if name in runners and runners[name][0] == signature:
-        return runners[name][1]
-    traceable = module if isinstance(module, nn.Module) else _Traceable(module, key)
-    try:
-        runner = OnnxRunner(traceable.eval(), input_size)
-    except Exception as exc:
-        if engine == "onnxruntime":
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            raise TransferlabError(f"--engine onnxruntime: export failed ({type(exc).__name__}: {detail}); "
-                                   "use --engine torch") from None
-        log.info("onnxruntime: export failed (%s); running the model with torch", type(exc).__name__)
-        return module
-    runners[name] = (signature, runner)
-    return runner
+    with _RUNNERS_LOCK:
+        signature = (input_size, _weights_signature(key))
+        runners = _RUNNERS.setdefault(key, {})
+        if name in runners and runners[name][0] == signature:
+            return runners[name][1]
+        traceable = module if isinstance(module, nn.Module) else _Traceable(module, key)
+        try:
+            runner = OnnxRunner(traceable.eval(), input_size)
+        except Exception as exc:
+            if engine == "onnxruntime":
+                detail = str(exc).splitlines()[0] if str(exc) else ""
+                raise TransferlabError(f"--engine onnxruntime: export failed ({type(exc).__name__}: {detail}); "
+                                       "use --engine torch") from None
+            log.info("onnxruntime: export failed (%s); running the model with torch", type(exc).__name__)
+            return module
+        runners[name] = (signature, runner)
+        return runner
+
+
+@torch.no_grad()
+def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor],
+                       preprocess: PreprocessConfig, policy: Policy, batch_size: int = 64,
+                       desc: str = "", view: str = "center") -> torch.Tensor:
+    """Apply ``fn`` (a module in eval mode) to one view of decoded images, batch by batch; returns
+    float32 on CPU."""
+    outputs = []
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, total=len(starts), desc=desc, enabled=bool(desc)):
+        x = policy.prepare_input(eval_batch(images[start:start + batch_size], preprocess, view))
+        with policy.autocast():
+            outputs.append(fn(x).float().cpu())
+    if not outputs:
+        return torch.empty(0)
+    return torch.cat(outputs)
+
+
+def average_views(logits_per_view: list[torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation: the mean of the views' class probabilities, returned as log-probabilities
+    (so that ``softmax`` of the result gives the averaged probabilities back)."""
+    probs = torch.stack([torch.softmax(logits, dim=1) for logits in logits_per_view]).mean(0)
+    return probs.clamp_min(1e-12).log()
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a trained model is run: ``engine`` (see the module doc), ``tta`` (average the probabilities of
+    :data:`~transferlab.models.preprocessing.TTA_VIEWS`), ``batch_size``."""
+
+    engine: str = "auto"
+    tta: bool = False
+    batch_size: int = 64
+
+
+@torch.no_grad()
+def predict_logits(model, images: list[torch.Tensor], policy: Policy, options: InferenceOptions | None = None,
+                   desc: str = "", n_images: int | None = None) -> torch.Tensor:
+    """Logits of ``model`` (eval mode, preprocessing ``model.backbone.preprocess``) for decoded images; with
+    ``options.tta`` the log of the probabilities averaged over the views. ``n_images``: how many images the
+    caller will push through in all, which decides whether an ONNX export pays (default ``len(images)``)."""
+    options = options or InferenceOptions()
+    preprocess = model.backbone.preprocess
+    views = TTA_VIEWS if options.tta else ("center",)
+    total = (n_images if n_images is not None else len(images)) * len(views)
+    fn = forward_fn(model, policy, options.engine, preprocess.input_size, total)
+    outputs = [predict_in_batches(fn, images, preprocess, policy, options.batch_size,
+                                  f"{desc} ({view})" if desc and options.tta else desc, view) for view in views]
+    return average_views(outputs) if options.tta else outputs[0]

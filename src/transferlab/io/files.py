@@ -7,13 +7,14 @@ is flushed to disk, then renamed over the target (rename is atomic on POSIX and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..errors import TransferlabError
 
 
 @contextlib.contextmanager
@@ -23,8 +24,6 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     An OSError (full disk, vanished or read-only folder) becomes a one-line TransferlabError; the
     previous ``target``, if any, is left as it was and no temporary file remains.
     """
-    from .errors import TransferlabError
-
     target = Path(target)
     tmp: Path | None = None
     try:
@@ -58,8 +57,6 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from .errors import TransferlabError
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -69,18 +66,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TransferlabError(f"{path}: not valid JSON ({exc})") from None
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove we can write there, before any long work starts."""
-    from .errors import TransferlabError
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

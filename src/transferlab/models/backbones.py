@@ -14,28 +14,49 @@ output, for partial unfreezing) and ``preprocess`` (the :class:`PreprocessConfig
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import TransferlabError
+from ..errors import TransferlabError
 from .preprocessing import PreprocessConfig
 
 log = logging.getLogger("transferlab")
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
-POOL_MODES = ("avg", "flatten")
 
 
 def offline() -> bool:
     """Whether downloads must not even be tried (TRANSFERLAB_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("TRANSFERLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@contextlib.contextmanager
+def hub_offline(enabled: bool) -> Iterator[None]:
+    """The one place transferlab switches the Hugging Face hub offline, for the duration of a block.
+
+    huggingface_hub reads the HF_HUB_OFFLINE variable once, when it is imported, into
+    ``huggingface_hub.constants.HF_HUB_OFFLINE``, and asks that attribute before every request; setting the
+    variable later does nothing, and setting it before the import would outlive the call. So the attribute
+    is set here and put back afterwards: no environment change, nothing left behind. (Not meant for two
+    threads loading timm weights at once: the attribute is module-wide while the block runs.)
+    """
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 class Backbone(nn.Module):
@@ -87,6 +108,11 @@ def register_backbone(name: str, builder: Callable[[str], Backbone], description
 def list_backbones() -> list[str]:
     """Names registered here; torchvision classification names and ``timm/NAME`` are accepted too."""
     return sorted(_REGISTRY)
+
+
+def describe_backbones() -> dict[str, str]:
+    """Registered name -> one-line description, sorted by name."""
+    return {name: _REGISTRY[name].description for name in sorted(_REGISTRY)}
 
 
 def create_backbone(name: str, weights: str = "default") -> Backbone:
@@ -210,10 +236,9 @@ def _timm_backbone(arch: str, weights: str) -> Backbone:
     if weights == "default":
         cfg = model.pretrained_cfg
         hub_id = cfg.get("hf_hub_id") or cfg.get("url") or arch
-        if offline():
-            os.environ["HF_HUB_OFFLINE"] = "1"
         try:
-            model = timm.create_model(arch, pretrained=True)
+            with hub_offline(offline()):
+                model = timm.create_model(arch, pretrained=True)
         except Exception:
             from huggingface_hub.constants import HF_HUB_CACHE
 

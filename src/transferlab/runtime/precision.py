@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .errors import TransferlabError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from ..errors import TransferlabError
+from ..options import DEVICES, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -38,20 +35,6 @@ class Policy:
             x = x.pin_memory()  # page-locked host memory: the copy below runs asynchronously
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity and container limits included, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def decode_workers() -> int:
-    """Threads that decode images: one per CPU, capped (decoding is I/O + Pillow; more threads than
-    16 only add memory)."""
-    return min(16, available_cpus())
 
 
 @contextlib.contextmanager

@@ -1,0 +1,84 @@
+"""Evaluate a trained run on another image folder: the study's cross-dataset step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data.discovery import Sample, class_counts, discover_evaluation
+from .data.images import decode_samples
+from .errors import TransferlabError
+from .io.files import check_writable_dir, read_json
+from .io.rundir import EVALUATIONS_DIR, EvaluationDir, MetricsRecord
+from .metrics import compute_metrics
+from .run import Run
+
+log = logging.getLogger("transferlab")
+
+
+def load_class_map(value: str | dict | None) -> dict[str, str]:
+    """``--class-map``: a JSON object {dataset class: model class}, inline, in a file, or already a dict."""
+    if isinstance(value, dict):
+        return value
+    if not value:
+        return {}
+    path = Path(value)
+    try:
+        mapping = read_json(path) if path.is_file() else json.loads(value)
+    except json.JSONDecodeError:
+        raise TransferlabError(f"--class-map {value}: neither a JSON file nor inline JSON") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise TransferlabError(f"--class-map {value}: must be a JSON object of class name -> class name")
+    return mapping
+
+
+def labelled_for_model(samples: list[Sample], classes: list[str], mapping: dict[str, str], what: str,
+                       known_as: str = "the model's classes") -> list[Sample]:
+    """The samples with their class renamed by ``mapping``; a class the model does not know is an error
+    naming ``what`` (the folder's option)."""
+    unknown = sorted({s.label for s in samples if mapping.get(s.label, s.label) not in classes})
+    if unknown:
+        raise TransferlabError(f"{what}: class '{unknown[0]}' is not one of {known_as} "
+                               f"({', '.join(classes)}); map it with --class-map")
+    return [Sample(s.path, mapping.get(s.label, s.label)) for s in samples]
+
+
+def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+             class_map: dict[str, str] | str | None = None, strict: bool = False, tta: bool | None = None,
+             engine: str | None = None) -> MetricsRecord:
+    """Evaluate a trained run on another image folder (classes matched by name, subsets allowed).
+
+    ``data_dir`` is a class-folder tree, or a dataset with a train/test layout (its test split is used).
+    Writes metrics.json, confusion_matrix.png and data_report.json to ``out`` (default
+    RUN_DIR/evaluations/<folder name>) and returns the metrics. ``tta`` and ``engine`` override the run's.
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    if tta is not None:
+        run.tta = tta
+    if engine is not None:
+        run.engine = engine
+    mapping = load_class_map(class_map)
+    data_dir = Path(data_dir)
+    listed, layout = discover_evaluation(data_dir)
+    target = EvaluationDir(check_writable_dir(out if out is not None else
+                                              run.directory / EVALUATIONS_DIR / data_dir.resolve().name))
+    samples = labelled_for_model(listed, run.classes, mapping, f"DATA_DIR {data_dir}")
+    decoded = decode_samples(samples, run.preprocess, strict=strict, desc="decoding images")
+    index = {c: i for i, c in enumerate(run.classes)}
+    y_true = np.array([index[s.label] for s in decoded.samples], dtype=np.int64)
+    if len(y_true) == 0:
+        raise TransferlabError(f"DATA_DIR {data_dir}: no usable images")
+    probs = run.predict_tensors(decoded.images).numpy()
+    metrics = compute_metrics(y_true, probs, run.classes)
+    metrics["data_dir"] = str(data_dir.resolve())
+    metrics["tta"] = run.tta
+    report = {"data_dir": str(data_dir.resolve()), "layout": layout, "class_map": mapping,
+              "counts": {"evaluation": class_counts(decoded.samples, run.classes)}, "skipped": decoded.skipped}
+    target.write(metrics, report, title=f"Confusion matrix ({data_dir.name})")
+    log.info("accuracy %.4f on %d images of %s; written to %s", metrics["accuracy"], len(y_true), data_dir,
+             target.path)
+    return metrics

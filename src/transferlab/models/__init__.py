@@ -1,0 +1,1 @@
+"""Models: backbones (registry), their preprocessing, heads, and the one build path."""

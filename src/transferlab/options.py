@@ -1,0 +1,62 @@
+"""Allowed values of every option, defined once; imports nothing heavy (no torch).
+
+Each choice is a ``Literal`` type (what type checkers see on :class:`~transferlab.config.TrainConfig`) and
+the tuple of its values (what validation and the command line's ``choices=`` use). Defaults that depend on
+another option live here too, beside the values they are keyed by.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from .errors import TransferlabError
+
+Strategy = Literal["freeze", "unfreeze", "partial"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+BatchNormMode = Literal["frozen", "train"]
+Pool = Literal["avg", "flatten"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Engine = Literal["auto", "torch", "onnxruntime"]
+ClassWeights = Literal["none", "balanced"]
+Sampler = Literal["shuffle", "balanced"]
+
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+BN_MODES: tuple[str, ...] = get_args(BatchNormMode)
+POOL_MODES: tuple[str, ...] = get_args(Pool)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEVICES: tuple[str, ...] = get_args(Device)
+ENGINES: tuple[str, ...] = get_args(Engine)
+CLASS_WEIGHTS: tuple[str, ...] = get_args(ClassWeights)
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# SGD (momentum 0.9) needs a larger step than the Adam family; one shared default would make an
+# SGD-vs-Adam comparison unfair.
+DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "adam": 0.0, "sgd": 1e-4}
+DEFAULT_EPOCHS = {"freeze": 30, "unfreeze": 8, "partial": 8}
+# A frozen run trains nothing but its head, so it needs at least one epoch; a fine-tuning run may stop after
+# the head-first stage (--epochs 0).
+MIN_EPOCHS = {"freeze": 1, "unfreeze": 0, "partial": 0}
+
+
+def parse_head_spec(spec: str | int) -> list[int]:
+    """``"256"`` -> [256]; ``"512x128"`` -> [512, 128]; ``"0"`` -> [] (a linear classifier)."""
+    text = str(spec).strip().lower()
+    try:
+        sizes = [int(part) for part in text.split("x")]
+    except ValueError:
+        raise TransferlabError(f"--head {spec}: expected hidden-layer sizes like 256, 512x128 or 0") from None
+    if sizes == [0]:
+        return []
+    if any(s <= 0 for s in sizes):
+        raise TransferlabError(f"--head {spec}: layer sizes must be positive (0 alone means linear)")
+    return sizes
+
+
+def check_choice(option: str, value, allowed: tuple) -> None:
+    """The one-line error for a value outside ``allowed``, naming the command-line option."""
+    if value not in allowed:
+        raise TransferlabError(f"--{option} {value}: choose one of {', '.join(map(str, allowed))}")

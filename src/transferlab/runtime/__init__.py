@@ -1,0 +1,1 @@
+"""How models run: the precision and device policy, inference engines and test-time augmentation."""

@@ -1,0 +1,1 @@
+"""Training: the loop and its events, callbacks, strategies, and the staged trainer."""

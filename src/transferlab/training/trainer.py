@@ -1,0 +1,331 @@
+"""The trainer: one training run in stages, each a method with one job.
+
+    prepare (checkpoint, seed, precision policy) -> discover the data -> build the model -> load the inputs
+    (cached features or decoded pixels, as the strategy needs) and make the splits -> fit each stage of the
+    strategy -> test -> write the run directory
+
+The :class:`Trainer` holds what the stages share (configuration, policy, model, splits, history), so no
+function passes nine arguments; the strategy object decides what trains and on what, so nothing here
+branches on a strategy's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data.discovery import Sample, Splits, class_counts, discover
+from ..data.images import decode_samples
+from ..data.splits import plan_splits
+from ..errors import TransferlabError
+from ..features import FeatureCache, FeatureExtractor, cache_root
+from ..io.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint
+from ..io.files import check_writable_dir
+from ..io.rundir import FORMAT_VERSION, MODEL_FILE, RunDir, RunOutputs, TestPredictions
+from ..metrics import compute_metrics
+from ..models.build import ModelSpec, build_model
+from ..models.preprocessing import TTA_VIEWS
+from ..provenance import seed_everything, versions
+from ..run import Run
+from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits
+from ..runtime.precision import Policy, resolve_policy, torch_threads
+from ..selection import best_epoch
+from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
+from .callbacks import EarlyStopping, EpochLogger, KeepBestOnValidation, SaveCheckpoint
+from .loop import Callback, LoopSpec, TrainLoop, make_optimizer
+from .strategies import Stage, make_strategy, param_groups
+
+log = logging.getLogger("transferlab")
+
+
+@dataclass
+class SplitData:
+    """One split: samples, label indices, and decoded images and/or pooled features."""
+
+    samples: list[Sample]
+    labels: torch.Tensor
+    images: list[torch.Tensor] | None = None
+    features: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class Inputs:
+    """What the data stage produced: the splits, and what was read to make them."""
+
+    train: SplitData
+    val: SplitData | None
+    test: SplitData
+    skipped: list[dict]
+    images: dict[Sample, torch.Tensor] | None = None
+    features: dict[Sample, torch.Tensor] | None = None
+
+
+@dataclass
+class Timings:
+    started: float = field(default_factory=time.perf_counter)
+    inputs_started: float = 0.0  # training time counts from reading the images
+    decode_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Paths in config.json are absolute, so ``train --config`` works from any working directory."""
+    absolute = {k: str(Path(v).resolve()) for k in ("data_dir", "test_dir", "labels", "cache_dir")
+                if (v := getattr(cfg, k)) not in (None, "none")}
+    return cfg.replace(**absolute)
+
+
+class Trainer:
+    """Train a classifier on an image folder and write a run directory (see :mod:`transferlab.io.rundir`).
+
+    ``shared_dir`` (experiments): a frozen backbone's unchanged weights go to a content-addressed file there.
+    ``resume``: a missing checkpoint is an error (without it an existing checkpoint is resumed anyway).
+    ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects attached to every stage.
+    """
+
+    def __init__(self, config: TrainConfig, out, *, shared_dir=None, resume: bool = False,
+                 callbacks: tuple[Callback, ...] | list[Callback] = ()):
+        self.cfg = config.resolved()
+        self.run_dir = RunDir(check_writable_dir(out))
+        self.strategy = make_strategy(self.cfg)
+        # only a backbone that never trains has weights worth sharing between runs
+        self.shared_dir = shared_dir if not self.strategy.uses_pixels else None
+        self.resume, self.extra_callbacks = resume, list(callbacks)
+        self.record = with_absolute_paths(self.cfg).to_dict()  # config.json's "train", the checkpoint's key
+        self.timings = Timings()
+        self.history: list[dict] = []
+        self.checkpoint: Checkpoint | None = None
+        self.policy: Policy | None = None
+        self.splits: Splits | None = None
+        self.model = None
+        self.inputs: Inputs | None = None
+
+    def run(self) -> Run:
+        self.prepare()
+        self.splits = discover(self.cfg.data_dir, self.cfg.test_dir, self.cfg.labels)
+        self.build()
+        self.inputs = self.load_inputs()
+        self.fit()
+        predictions = self.test()
+        return self.write(predictions)
+
+    # ------------------------------------------------------------------------------------------- stages
+
+    def prepare(self) -> None:
+        """Find a checkpoint to continue (a killed or interrupted run), seed, choose the precision policy."""
+        self.checkpoint = load_checkpoint(self.run_dir, self.record)
+        if self.resume and self.checkpoint is None:
+            raise TransferlabError(f"--resume: {self.run_dir.path} holds no checkpoint to resume (the run finished "
+                                   "or never started)")
+        self.timings = Timings()
+        seed_everything(self.cfg.seed)
+        self.policy = resolve_policy(self.cfg.precision, self.cfg.device)
+        log.info("device %s, precision %s%s", self.policy.device, self.policy.precision,
+                 ", channels_last" if self.policy.channels_last else "")
+
+    def build(self) -> None:
+        if self.cfg.weights == "none" and not self.strategy.uses_pixels:
+            log.warning("--weights none with --strategy %s: the head trains on random features", self.cfg.strategy)
+        self.model = build_model(ModelSpec.of(self.cfg), len(self.splits.classes), self.policy, seed=self.cfg.seed)
+        self.cache = FeatureCache(cache_root(self.cfg.cache_dir))
+        self.extractor = FeatureExtractor(self.model, self.policy, self.cache, self.cfg.engine)
+
+    def load_inputs(self) -> Inputs:
+        """Images are read once: a frozen backbone needs only cached features (decoding just the cache
+        misses); fine-tuning needs the decoded pixels. Splits are made from what could be read."""
+        splits, cfg = self.splits, self.cfg
+        listed = splits.train + (splits.val or []) + (splits.test or [])
+        started = self.timings.inputs_started = time.perf_counter()
+        images = features = None
+        if self.strategy.uses_pixels:
+            decoded = decode_samples(listed, self.model.backbone.preprocess, strict=cfg.strict, desc="decoding images")
+            images, skipped = dict(zip(decoded.samples, decoded.images, strict=True)), decoded.skipped
+        else:
+            result = self.extractor.extract(listed, strict=cfg.strict)
+            features, skipped = result.features, result.skipped
+        self.timings.decode_seconds = time.perf_counter() - started
+        plan = plan_splits(splits, set(images if images is not None else features), cfg.test_size, cfg.val_size,
+                           cfg.seed)
+        index = {c: i for i, c in enumerate(splits.classes)}
+
+        def split(samples: list[Sample]) -> SplitData:
+            labels = torch.tensor([index[s.label] for s in samples], dtype=torch.long)
+            return SplitData(samples, labels, [images[s] for s in samples] if images is not None else None)
+
+        inputs = Inputs(split(plan.train), split(plan.val) if plan.val else None, split(plan.test), skipped,
+                        images, features)
+        log.info("%d classes; train %d, validation %d, test %d images (%s)", len(splits.classes), len(inputs.train),
+                 len(inputs.val) if inputs.val else 0, len(inputs.test), splits.layout)
+        if cfg.patience and inputs.val is None:
+            log.warning("--patience %d has no effect without a validation split (--val-size or a val folder)",
+                        cfg.patience)
+        return inputs
+
+    def fit(self) -> None:
+        """Run the strategy's stages in turn; a checkpoint's stage continues where it stopped."""
+        self.strategy.apply(self.model)
+        self.loss_fn = nn.CrossEntropyLoss(weight=self._class_weights(),
+                                           label_smoothing=self.cfg.label_smoothing).to(self.policy.device)
+        stages = self.strategy.stages()
+        names = [s.name for s in stages]
+        resume_at = names.index(self.checkpoint.stage) if self.checkpoint is not None else 0
+        if self.checkpoint is not None:  # the stages before the checkpoint's had finished
+            self.history = [row for row in self.checkpoint.meta["history"] if row["stage"] in names[:resume_at]]
+        for stage in stages[resume_at:]:
+            resume = self.checkpoint if self.checkpoint is not None and self.checkpoint.stage == stage.name else None
+            self.history += self._fit_stage(stage, resume)
+        self.timings.train_seconds = time.perf_counter() - self.timings.inputs_started
+
+    def test(self) -> TestPredictions:
+        logits = self._test_logits()
+        probs = torch.softmax(logits, 1).numpy()
+        return TestPredictions([str(s.path) for s in self.inputs.test.samples], self.inputs.test.labels.numpy(), probs)
+
+    def write(self, predictions: TestPredictions) -> Run:
+        classes = self.splits.classes
+        metrics = compute_metrics(predictions.y_true, predictions.probs, classes)
+        metrics["train_seconds"] = round(self.timings.train_seconds, 3)
+        metrics["decode_seconds"] = round(self.timings.decode_seconds, 3)
+        kept = self.kept_epoch()
+        metrics["selected_epoch"] = {"stage": kept["stage"], "epoch": kept["epoch"]} if kept else None
+        metrics["total_seconds"] = round(time.perf_counter() - self.timings.started, 3)
+        outputs = RunOutputs(self.model.state_dict(), self._config_record(), metrics, self.history,
+                             self._data_report(), predictions)
+        self.run_dir.write(outputs, shared_dir=self.shared_dir)
+        remove_checkpoint(self.run_dir)
+        log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
+                 *metrics["accuracy_ci95"], metrics["f1"], self.run_dir.path)
+        return Run(self.run_dir.path, self.run_dir.read_config(), self.model, self.policy)
+
+    def kept_epoch(self) -> dict | None:
+        """The history row whose weights were kept: the best epoch of the last stage by
+        :func:`transferlab.selection.best_epoch`, or its last epoch without validation data."""
+        if not self.history:
+            return None
+        last = [row for row in self.history if row["stage"] == self.history[-1]["stage"]]
+        return best_epoch(last) or last[-1]
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _fit_stage(self, stage: Stage, resume: Checkpoint | None) -> list[dict]:
+        if stage.on_features:
+            self._attach_features()
+            spec = self._head_loop(stage)
+            threads = torch_threads(1) if self.policy.device == "cpu" else contextlib.nullcontext()
+        else:
+            spec, threads = self._finetune_loop(stage), contextlib.nullcontext()
+        loop = TrainLoop(spec, self._callbacks())
+        with threads:
+            return loop.fit(resume)
+
+    def _callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [KeepBestOnValidation(), EpochLogger()]
+        if self.cfg.patience:
+            callbacks.append(EarlyStopping(self.cfg.patience))
+        callbacks.append(SaveCheckpoint(self.run_dir, self.record, self.history))
+        return callbacks + self.extra_callbacks
+
+    def _attach_features(self) -> None:
+        """Pooled features of the pretrained backbone for every split that has them all (the head-first
+        stage of fine-tuning computes them from the decoded images)."""
+        inputs = self.inputs
+        if inputs.features is None:
+            wanted = inputs.train.samples + (inputs.val.samples if inputs.val else [])
+            inputs.features = self.extractor.extract(wanted, images=inputs.images).features
+        for split in (inputs.train, inputs.val, inputs.test):
+            if split is not None and all(s in inputs.features for s in split.samples):
+                split.features = torch.stack([inputs.features[s] for s in split.samples])
+
+    def _order(self, stage: Stage) -> BatchOrder:
+        weights = balanced_weights(self.inputs.train.labels) if self.cfg.sampler == "balanced" else None
+        return BatchOrder(self.cfg.batch_size, self.cfg.seed, stage.name, weights)
+
+    def _head_loop(self, stage: Stage) -> LoopSpec:
+        cfg, head, train, val = self.cfg, self.model.head, self.inputs.train, self.inputs.val
+        groups = param_groups(self.model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, head_only=True)
+        validate = None
+        if val is not None:
+            val_x, val_y = val.features.to(self.policy.device), val.labels.to(self.policy.device)
+
+            def validate():
+                head.eval()
+                with torch.no_grad():
+                    logits = head(val_x)
+                    return float(self.loss_fn(logits, val_y)), float((logits.argmax(1) == val_y).float().mean())
+        fp32 = Policy(self.policy.device, "fp32", channels_last=False)  # a head on features: tiny, keep fp32
+        return LoopSpec(head, feature_batches(train.features, train.labels, self._order(stage)), self.loss_fn,
+                        make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs, fp32, stage.name,
+                        cfg.warmup_epochs, validate, head.train, cfg.seed)
+
+    def _finetune_loop(self, stage: Stage) -> LoopSpec:
+        cfg, model, train, val = self.cfg, self.model, self.inputs.train, self.inputs.val
+        preprocess = model.backbone.preprocess
+        groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+        validate = None
+        if val is not None:
+            def validate():
+                model.eval()
+                logits = predict_in_batches(model, val.images, preprocess, self.policy)
+                return float(self.loss_fn(logits.to(self.policy.device), val.labels.to(self.policy.device))), \
+                    float((logits.argmax(1) == val.labels).float().mean())
+        batches = image_batches(train.images, train.labels, self._order(stage), preprocess, cfg.augment)
+        return LoopSpec(model, batches, self.loss_fn, make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs,
+                        self.policy, stage.name, cfg.warmup_epochs, validate,
+                        lambda: self.strategy.set_train_mode(model), cfg.seed)
+
+    @torch.no_grad()
+    def _test_logits(self) -> torch.Tensor:
+        """A strategy that trains on pixels runs the whole model on the decoded test images; a frozen one
+        applies its head to cached features (one feature set per view with ``--tta``)."""
+        model, cfg, test = self.model, self.cfg, self.inputs.test
+        model.eval()
+        if self.strategy.uses_pixels:
+            return predict_logits(model, test.images, self.policy, InferenceOptions(cfg.engine, cfg.tta),
+                                  desc="testing")
+        per_view = [test.features]
+        for view in TTA_VIEWS[1:] if cfg.tta else ():
+            found = self.extractor.extract(test.samples, view=view).features
+            per_view.append(torch.stack([found[s] for s in test.samples]))
+        logits = [model.head(f.to(self.policy.device)).float().cpu() for f in per_view]
+        return average_views(logits) if cfg.tta else logits[0]
+
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.class_weights != "balanced":
+            return None
+        k = len(self.splits.classes)
+        counts = torch.bincount(self.inputs.train.labels, minlength=k).float()
+        return len(self.inputs.train) / (k * counts.clamp(min=1))
+
+    def _data_report(self) -> dict:
+        classes, inputs = self.splits.classes, self.inputs
+        counts = {"train": class_counts(inputs.train.samples, classes),
+                  "validation": class_counts(inputs.val.samples, classes) if inputs.val else {},
+                  "test": class_counts(inputs.test.samples, classes)}
+        return {"data_dir": str(Path(self.cfg.data_dir).resolve()), "layout": self.splits.layout, "classes": classes,
+                "counts": counts, "skipped": inputs.skipped, "ignored_non_images": self.splits.ignored}
+
+    def _config_record(self) -> dict:
+        backbone, policy = self.model.backbone, self.policy
+        return {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "backbone": {"name": backbone.name, "weights": self.cfg.weights,
+                         "weights_source": backbone.weights["source"], "license": backbone.weights["license"]},
+            "classes": self.splits.classes,
+            "preprocess": backbone.preprocess.to_dict(),
+            "train": self.record,
+            "policy": {"device": policy.device, "precision": policy.precision, "channels_last": policy.channels_last},
+            "model_file": MODEL_FILE,
+        }
