@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from transferlab.data import is_image_file
-from transferlab.precision import cpu_has_native_bf16
+from transferlab.data.discovery import is_image_file
+from transferlab.runtime.precision import cpu_has_native_bf16
 
 HERE = Path(__file__).resolve().parent
 TL = [sys.executable, "-m", "transferlab.cli", "-q"]

@@ -31,8 +31,8 @@ def main() -> None:
 
     import timm
 
-    from transferlab.inference import OnnxRunner
-    from transferlab.precision import cpu_has_native_bf16
+    from transferlab.runtime.inference import OnnxRunner
+    from transferlab.runtime.precision import cpu_has_native_bf16
 
     torch.manual_seed(0)
     model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from transferlab.backbones import create_backbone
+from transferlab.models.backbones import create_backbone
 
 SETTINGS = {"precision": "fp32", "memory_format": "NCHW", "batch_size": 32, "workers": os.cpu_count(),
             "decode": "every epoch (ImageFolder + DataLoader)", "frozen backbone": "recomputed every epoch",

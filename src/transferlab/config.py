@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from .errors import TransferlabError
 from .options import (
@@ -113,6 +114,12 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """Paths in config.json are absolute, so ``train --config`` works from any working directory."""
+        absolute = {k: str(Path(v).resolve()) for k in ("data_dir", "test_dir", "labels", "cache_dir")
+                    if (v := getattr(self, k)) not in (None, "none")}
+        return self.replace(**absolute)
 
     def validate(self) -> TrainConfig:
         """Check every option against :data:`CHOICES` and :data:`RANGES`; the error names the option."""

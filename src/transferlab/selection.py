@@ -11,7 +11,8 @@ import math
 from collections.abc import Iterable
 
 
-def _number(value) -> float | None:
+def finite_float(value) -> float | None:
+    """``value`` as a finite float (strings from CSV files included), else None."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -23,10 +24,10 @@ def epoch_score(row: dict) -> tuple[float, float] | None:
     """The sort key of a history row (higher is better), or None when it has no validation result.
 
     Rows may come straight from the training loop (floats) or from history.csv (strings)."""
-    accuracy = _number(row.get("val_acc"))
+    accuracy = finite_float(row.get("val_acc"))
     if accuracy is None:
         return None
-    loss = _number(row.get("val_loss"))
+    loss = finite_float(row.get("val_loss"))
     return accuracy, -(loss if loss is not None else math.inf)
 
 

@@ -14,12 +14,16 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # a data-path type; importing it here at run time would point imports backwards
-    from ..models.preprocessing import PreprocessConfig
+
+class ResizeSpec(Protocol):
+    """What decoding needs of a :class:`~transferlab.models.preprocessing.PreprocessConfig`."""
+
+    resize_size: int  # short side after decoding
+    interpolation: str  # bicubic | bilinear | nearest
 
 # Classification never needs more: a bigger image is a decompression bomb or a mistake.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -163,7 +167,7 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
         raise ImageDecodeError(f"cannot decode: {text}") from None
 
 
-def decode_array(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
+def decode_array(path: str | os.PathLike, cfg: ResizeSpec) -> np.ndarray:
     """Decode to a CHW uint8 array whose short side is ``cfg.resize_size`` (aspect kept, capped)."""
     from PIL import Image
 

@@ -6,17 +6,14 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import TransferlabError
 from ..progress import progress_bar
 from . import decode
+from .decode import ResizeSpec
 from .discovery import Sample
-
-if TYPE_CHECKING:
-    from ..models.preprocessing import PreprocessConfig
 
 log = logging.getLogger("transferlab")
 
@@ -30,19 +27,19 @@ class DecodedImages:
     skipped: list[dict]
 
 
-def decode_for_model(path: str | os.PathLike, cfg: PreprocessConfig) -> torch.Tensor:
+def decode_for_model(path: str | os.PathLike, cfg: ResizeSpec) -> torch.Tensor:
     """Decode to a CHW uint8 tensor whose short side is ``cfg.resize_size`` (aspect kept, capped)."""
     return torch.from_numpy(decode.decode_array(path, cfg))
 
 
-def iter_decoded(paths: Sequence[str | os.PathLike], cfg: PreprocessConfig, workers: int | None = None,
+def iter_decoded(paths: Sequence[str | os.PathLike], cfg: ResizeSpec, workers: int | None = None,
                  lookahead: int = 128) -> Iterator[tuple[torch.Tensor | None, str | None]]:
     """:func:`decode_for_model` over ``paths`` in background threads (see :func:`transferlab.data.decode.stream`):
     ``(tensor, None)`` or ``(None, reason)`` in input order, at most ``lookahead`` ahead of the consumer."""
     return decode.stream(paths, lambda path: decode_for_model(path, cfg), workers, lookahead)
 
 
-def decode_samples(samples: list[Sample], cfg: PreprocessConfig, strict: bool = False,
+def decode_samples(samples: list[Sample], cfg: ResizeSpec, strict: bool = False,
                    workers: int | None = None, desc: str = "decoding", progress: bool = True) -> DecodedImages:
     """Decode every sample once, in parallel threads."""
     return collect_decoded(samples, iter_decoded([s.path for s in samples], cfg, workers), strict, desc, progress)

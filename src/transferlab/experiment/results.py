@@ -9,26 +9,16 @@ decided by :func:`transferlab.selection.best_epoch`, the rule that chose the wei
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
 from ..io.expdir import TEST, ExperimentDir
 from ..io.rundir import RunDir
-from ..selection import best_epoch, ranking_key
+from ..selection import best_epoch, finite_float, ranking_key
 
 METRICS = ("accuracy", "precision", "recall", "f1", "precision_weighted", "recall_weighted", "f1_weighted",
            "roc_auc")
-
-
-def finite_float(value) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
 
 
 def selection(history: list[dict]) -> dict:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..experiment.grid import AXIS_FIELD, GRID_AXES
-from ..experiment.results import finite_float, mean_std
+from ..experiment.results import mean_std
+from ..selection import finite_float
 
 
 def comparison_chart_data(results: dict, dataset: str) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..experiment.results import finite_float, mean_std
+from ..experiment.results import mean_std
 from ..io.expdir import TEST
+from ..selection import finite_float
 
 # metrics.json key -> results.csv column ("precision" alone would clash with the TrainConfig field)
 CSV_METRICS = {"accuracy": "accuracy", "precision": "precision_macro", "recall": "recall_macro", "f1": "f1_macro",

@@ -79,13 +79,6 @@ class Timings:
     train_seconds: float = 0.0
 
 
-def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Paths in config.json are absolute, so ``train --config`` works from any working directory."""
-    absolute = {k: str(Path(v).resolve()) for k in ("data_dir", "test_dir", "labels", "cache_dir")
-                if (v := getattr(cfg, k)) not in (None, "none")}
-    return cfg.replace(**absolute)
-
-
 class Trainer:
     """Train a classifier on an image folder and write a run directory (see :mod:`transferlab.io.rundir`).
 
@@ -102,13 +95,15 @@ class Trainer:
         # only a backbone that never trains has weights worth sharing between runs
         self.shared_dir = shared_dir if not self.strategy.uses_pixels else None
         self.resume, self.extra_callbacks = resume, list(callbacks)
-        self.record = with_absolute_paths(self.cfg).to_dict()  # config.json's "train", the checkpoint's key
+        self.record = self.cfg.with_absolute_paths().to_dict()  # config.json's "train", the checkpoint's key
         self.timings = Timings()
         self.history: list[dict] = []
         self.checkpoint: Checkpoint | None = None
         self.policy: Policy | None = None
         self.splits: Splits | None = None
         self.model = None
+        self.extractor: FeatureExtractor | None = None
+        self.loss_fn: nn.Module | None = None
         self.inputs: Inputs | None = None
 
     def run(self) -> Run:
@@ -138,8 +133,8 @@ class Trainer:
         if self.cfg.weights == "none" and not self.strategy.uses_pixels:
             log.warning("--weights none with --strategy %s: the head trains on random features", self.cfg.strategy)
         self.model = build_model(ModelSpec.of(self.cfg), len(self.splits.classes), self.policy, seed=self.cfg.seed)
-        self.cache = FeatureCache(cache_root(self.cfg.cache_dir))
-        self.extractor = FeatureExtractor(self.model, self.policy, self.cache, self.cfg.engine)
+        self.extractor = FeatureExtractor(self.model, self.policy, FeatureCache(cache_root(self.cfg.cache_dir)),
+                                          self.cfg.engine)
 
     def load_inputs(self) -> Inputs:
         """Images are read once: a frozen backbone needs only cached features (decoding just the cache
