@@ -96,8 +96,9 @@ def main() -> None:
     r["tl_finetune"]["accuracy"] = accuracy_of(out / "ft")
 
     npred = naive_step("naive_predict", naive + ["--mode", "predict"])
-    # the product's defaults (--precision auto: bf16 where the CPU has it natively, else fp32 on ONNX Runtime)
-    step("tl_predict", TL + ["predict", str(out / "cold"), str(data / "val")]).pop("stdout")
+    # the product's defaults: `train` exported RUN_DIR/model.onnx, so predict runs it without torch
+    tl_pred = step("tl_predict", TL + ["predict", str(out / "cold"), str(data / "val")])
+    tl_pred.pop("stdout")
     # throughput after start-up: the extra images of a larger folder over the extra seconds they took
     n_all = sum(1 for p in data.rglob("*") if p.is_file() and is_image_file(p))
     pall = step("tl_predict_all", TL + ["predict", str(out / "cold"), str(data)])
@@ -106,6 +107,13 @@ def main() -> None:
     pbf = step("tl_predict_bf16", TL + ["predict", str(out / "cold"), str(data / "val"), "--precision", "bf16"])
     imports = step("startup_imports", [sys.executable, "-c", "import torch, timm, matplotlib.pyplot"])
     imports.pop("stdout")
+    fast_imports = step("predict_imports", [sys.executable, "-c", "import transferlab.cli, transferlab.api, "
+                                            "transferlab.runtime.onnx_classifier, onnxruntime, PIL.Image"])
+    fast_imports.pop("stdout")
+    exported = step("tl_export_int8", TL + ["export", str(out / "cold"), "--quantize", "int8"])
+    exported["stdout"] = exported["stdout"].splitlines()
+    int8 = json.loads((out / "cold" / "export.json").read_text())["files"]["model.int8.onnx"]
+    r["int8"] = int8
     r["native_bf16"] = cpu_has_native_bf16()
     labels32 = [json.loads(line).get("label") for line in p32.pop("stdout").splitlines()]
     labelsbf = [json.loads(line).get("label") for line in pbf.pop("stdout").splitlines()]
@@ -137,14 +145,19 @@ def main() -> None:
     print("| case | naive | transferlab | ratio | goal |\n|---|---|---|---|---|")
     for name, a, b, ratio, goal in table:
         print(f"| {name} | {a} | {b} | {ratio:.1f}x | >= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
-    print(f"| top-1 agreement bf16 vs fp32 ({len(labels32)} images) | | | {agreement:.1%} | >= 99% "
-          f"{'met' if agreement >= 0.99 else 'NOT met'} |")
+    print(f"| top-1 agreement bf16 (torch) vs fp32 (exported model) ({len(labels32)} images) | | | {agreement:.1%} "
+          f"| >= 99% {'met' if agreement >= 0.99 else 'NOT met'} |")
+    speeds = int8["images_per_s"]
+    print(f"| int8 vs fp32 exported model on {int8['n_images']} test images: top-1 agreement {int8['agreement']:.1%}, "
+          f"images/s | {speeds['fp32']}/s (fp32) | {speeds['int8']}/s (int8) | {int8['speedup']:.2f}x | "
+          f"{'faster' if int8['speedup'] > 1 else 'NOT faster'} |")
     print(f"accuracy: naive frozen {nf['accuracy']:.4f}, transferlab frozen {r['tl_freeze_cold']['accuracy']:.4f}; "
           f"naive fine-tune {nt['accuracy']:.4f}, transferlab fine-tune {r['tl_finetune']['accuracy']:.4f}")
     # what bounds the cases that are not met, measured in this run
     print(f"start-up: a process that only imports torch, timm/torchvision and matplotlib takes "
-          f"{imports['seconds']:.1f} s (the warm-cache train command: {r['tl_freeze_warm']['seconds']:.1f} s; "
-          f"predict on {n_val} images: {r['tl_predict']['seconds']:.1f} s)")
+          f"{imports['seconds']:.1f} s (the warm-cache train command: {r['tl_freeze_warm']['seconds']:.1f} s); "
+          f"the torch-free predict command's imports take {fast_imports['seconds']:.2f} s (the whole command on "
+          f"{n_val} images: {r['tl_predict']['seconds']:.1f} s)")
     print(f"native bf16 on this CPU (what torch reports): {r['native_bf16']}: transferlab's --precision auto "
           + ("computes in bf16 autocast (the naive loop in fp32, as the tutorials do)" if r["native_bf16"]
              else "computes in fp32 like the naive loop (emulated bf16 would be slower)"))

@@ -1,35 +1,40 @@
-"""The public Python API: ``train``, ``evaluate``, ``load_run``, ``run_experiment``, ``render_report``.
+"""The public Python API: ``train``, ``evaluate``, ``load_run``, ``load_predictor``, ``export``,
+``run_experiment``, ``render_report``.
 
-A thin front: each function checks its arguments and hands over to the module that owns the work. The CLI
-only calls these.
+A thin front: each function checks its arguments and hands over to the module that owns the work; the
+modules are imported inside the functions, so ``import transferlab.api`` stays light and a torch-free
+``predict`` never imports torch. The CLI only calls these.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .config import TrainConfig
 from .errors import TransferlabError
-from .evaluation import evaluate
-from .run import Run
 
-__all__ = ["train", "evaluate", "load_run", "run_experiment", "render_report"]
+__all__ = ["train", "evaluate", "load_run", "load_predictor", "export", "run_experiment", "render_report"]
+
+log = logging.getLogger("transferlab")
 
 
-def load_run(directory: str | os.PathLike, precision: str = "auto", device: str = "auto") -> Run:
+def load_run(directory: str | os.PathLike, precision: str = "auto", device: str = "auto"):
+    """The trained :class:`~transferlab.run.Run` in a run directory (torch)."""
+    from .run import Run
+
     return Run.load(directory, precision=precision, device=device)
 
 
 def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "run",
-          config: TrainConfig | None = None, *, shared_dir: str | os.PathLike | None = None, resume: bool = False,
-          callbacks=(), **options) -> Run:
+          config: TrainConfig | None = None, *, resume: bool = False, callbacks=(), export: bool = True,
+          **options):
     """Train a classifier on an image folder and write a run directory.
 
     ``options`` are :class:`TrainConfig` fields (``strategy="freeze"``, ``head="512x128"``, ...) and
-    override ``config``. ``shared_dir`` (experiments): with ``strategy="freeze"`` the unchanged backbone
-    weights go to a content-addressed file there, hard-linked into the run. ``callbacks``: extra
-    :class:`~transferlab.training.loop.Callback` objects for every training stage (a tracker, gradient
-    clipping). Returns the trained :class:`Run`.
+    override ``config``. ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects for every
+    training stage (a tracker, gradient clipping). ``export``: also write RUN_DIR/model.onnx, which
+    ``predict`` runs without torch. Returns the trained :class:`~transferlab.run.Run`.
     """
     from .training.trainer import Trainer
 
@@ -39,7 +44,60 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     cfg = (config or TrainConfig()).replace(**options)
-    return Trainer(cfg, out, shared_dir=shared_dir, resume=resume, callbacks=callbacks).run()
+    return Trainer(cfg, out, resume=resume, callbacks=callbacks, export=export).run()
+
+
+def evaluate(run, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, **options) -> dict:
+    """Evaluate a run (a :class:`~transferlab.run.Run` or its directory) on another image folder; ``options``:
+    ``class_map``, ``strict``, ``tta``, ``engine`` (see :func:`transferlab.evaluation.evaluate`)."""
+    from .evaluation import evaluate as evaluate_run
+
+    return evaluate_run(run, data_dir, out, **options)
+
+
+def load_predictor(directory: str | os.PathLike, *, precision: str = "auto", device: str = "auto",
+                   engine: str = "auto", tta: bool | None = None):
+    """What ``predict`` runs: the run's exported model on ONNX Runtime without torch when the run holds a
+    current one and the options allow it (fp32 on the CPU, no test-time augmentation, ``engine`` auto or
+    onnxruntime); otherwise the torch :class:`~transferlab.run.Run`, with one log line saying why. Both have
+    ``iter_predictions(inputs, top_k, batch_size)``."""
+    from .io.rundir import RunDir
+    from .options import DEVICES, ENGINES, PRECISIONS, check_choice
+
+    for option, value, allowed in (("precision", precision, PRECISIONS), ("device", device, DEVICES),
+                                   ("engine", engine, ENGINES)):
+        check_choice(option, value, allowed)
+    config = RunDir(directory).read_config()
+    tta = bool(config["train"].get("tta", False)) if tta is None else tta
+    reason = _needs_torch(precision, device, engine, tta)
+    if reason is None:
+        from .runtime.onnx_classifier import OnnxClassifier
+
+        classifier, reason = OnnxClassifier.from_run(directory)
+        if classifier is not None:
+            return classifier
+    log.info("predict runs on torch: %s", reason)
+    run = load_run(directory, precision=precision, device=device)
+    run.tta, run.engine = tta, engine
+    return run
+
+
+def _needs_torch(precision: str, device: str, engine: str, tta: bool) -> str | None:
+    if engine == "torch":
+        return "--engine torch"
+    if precision not in ("auto", "fp32") or device not in ("auto", "cpu"):
+        return f"--precision {precision} --device {device} (the exported model runs fp32 on the CPU)"
+    if tta:
+        return "test-time augmentation (its views resize tensors)"
+    return None
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, quantize: str | None = None,
+           calibration: str | os.PathLike | None = None):
+    """Export a run to ONNX (and int8 with ``quantize="int8"``); see :mod:`transferlab.deployment`."""
+    from .deployment import export_run
+
+    return export_run(run_dir, out, quantize=quantize, calibration=calibration)
 
 
 def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,

@@ -17,6 +17,8 @@ from .options import (
     OPTIMIZERS,
     POOL_MODES,
     PRECISIONS,
+    PREDICTION_FORMATS,
+    QUANTIZATIONS,
     SAMPLERS,
     STRATEGIES,
 )
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_backbones, _add_experiment, _add_report):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_backbones, _add_experiment, _add_report):
         p = add(sub)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -120,7 +122,23 @@ def _add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="auto: ONNX Runtime for fp32 on a CPU from 64 images on")
+                   help="auto: the run's exported model.onnx without torch when it is current, else torch "
+                   "(ONNX Runtime for fp32 on a CPU from 64 images on); torch: always torch")
+    p.add_argument("--format", default="json", choices=PREDICTION_FORMATS,
+                   help="json: one object per line (default); csv: a table")
+    return p
+
+
+def _add_export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="export a run to ONNX (fp32; int8 with --quantize int8)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="the only format: ONNX")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="also write an int8 model (static QDQ quantization, "
+                   "per-channel weights), measured against fp32 on the run's test split")
+    p.add_argument("--calibration", metavar="DIR", help="images to calibrate int8 on (default: the run's "
+                   "training images)")
+    p.add_argument("--out", metavar="FILE", help="file to write (default RUN_DIR/model.onnx, with --quantize "
+                   "int8 RUN_DIR/model.int8.onnx)")
     return p
 
 
@@ -212,17 +230,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import load_run
+    from .api import load_predictor
+    from .prediction import csv_header, csv_line
 
-    run = load_run(args.run_dir, precision=args.precision, device=args.device)
-    if args.tta is not None:
-        run.tta = args.tta
-    run.engine = args.engine
+    predictor = load_predictor(args.run_dir, precision=args.precision, device=args.device, engine=args.engine,
+                               tta=args.tta)
+    rows = predictor.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    top_k = min(args.top_k, len(predictor.classes))
+    if args.format == "csv":
+        print(",".join(csv_header(top_k)), flush=True)
     failed = 0
-    for row in run.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size):
+    for row in rows:
         failed += "error" in row
-        print(json.dumps(row, ensure_ascii=False), flush=True)
+        print(csv_line(row, top_k) if args.format == "csv" else json.dumps(row, ensure_ascii=False), flush=True)
     return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import export
+
+    result = export(args.run_dir, args.out, quantize=args.quantize, calibration=args.calibration)
+    print(f"fp32: {result.files['fp32']}")
+    if result.int8 is not None:
+        m = result.int8
+        print(f"int8: {result.files['int8']} (calibrated on {m['calibration']['images']} images)")
+        if m["agreement"] is None:
+            print(f"int8: {m['note']}")
+        else:
+            fp32, int8 = m["images_per_s"]["fp32"], m["images_per_s"]["int8"]
+            print(f"int8: top-1 agreement with fp32 {m['agreement']:.2%} on {m['n_images']} test images; "
+                  f"{fp32} images/s fp32, {int8} images/s int8 ({m['speedup']}x)")
+            if int8 <= fp32:
+                print("int8: not faster than fp32 on this CPU: ship the fp32 model unless size matters")
+    return 0
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -278,7 +318,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "backbones": cmd_backbones,
             "experiment": cmd_experiment, "report": cmd_report}
 
 

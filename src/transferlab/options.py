@@ -20,6 +20,8 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Engine = Literal["auto", "torch", "onnxruntime"]
 ClassWeights = Literal["none", "balanced"]
 Sampler = Literal["shuffle", "balanced"]
+Quantization = Literal["int8"]  # transferlab export --quantize
+PredictionFormat = Literal["json", "csv"]  # transferlab predict --format
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -30,6 +32,8 @@ DEVICES: tuple[str, ...] = get_args(Device)
 ENGINES: tuple[str, ...] = get_args(Engine)
 CLASS_WEIGHTS: tuple[str, ...] = get_args(ClassWeights)
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+PREDICTION_FORMATS: tuple[str, ...] = get_args(PredictionFormat)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # SGD (momentum 0.9) needs a larger step than the Adam family; one shared default would make an

@@ -14,29 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .data.discovery import is_image_file
+from . import prediction
 from .data.images import iter_decoded
 from .errors import TransferlabError
 from .io.rundir import RunConfigRecord, RunDir
 from .models.build import ModelSpec, build_model
 from .models.preprocessing import PreprocessConfig
+from .prediction import check_prediction_options, expand_image_paths
 from .runtime.inference import InferenceOptions, predict_logits
 from .runtime.precision import Policy, resolve_policy
 
 log = logging.getLogger("transferlab")
-
-
-def expand_image_paths(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders expanded to the image files inside them (recursively, sorted)."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)
-                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
-        else:
-            paths.append(item)
-    return paths
 
 
 class Run:
@@ -92,34 +80,16 @@ class Run:
         return torch.softmax(logits, dim=1) if len(logits) else logits
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
                          batch_size: int = 32) -> Iterator[dict]:
-        """One dict per image file: ``{path, label, score, top_k}`` or ``{path, error}``."""
-        if top_k < 1:
-            raise TransferlabError(f"--top-k {top_k}: must be at least 1")
-        if batch_size < 1:
-            raise TransferlabError(f"--batch-size {batch_size}: must be at least 1")
-        top_k = min(top_k, len(self.classes))
+        """One record per image file (see :mod:`transferlab.prediction`); the next batch decodes in
+        background threads while this one runs through the model."""
+        check_prediction_options(top_k, batch_size)
         paths = expand_image_paths(inputs)
+        decoded = iter_decoded(paths, self.preprocess, lookahead=2 * batch_size)
 
-        def flush(chunk: list[tuple[Path, torch.Tensor | None, str | None]]) -> Iterator[dict]:
-            good = [tensor for _, tensor, _ in chunk if tensor is not None]
-            probs = iter(self.predict_tensors(good, batch_size, n_images=len(paths)) if good else [])
-            for path, tensor, error in chunk:
-                if tensor is None:
-                    yield {"path": str(path), "error": error}
-                    continue
-                scores, idx = next(probs).topk(top_k)
-                ranked = [[self.classes[i], round(float(s), 6)] for s, i in zip(scores, idx.tolist(), strict=True)]
-                yield {"path": str(path), "label": ranked[0][0], "score": ranked[0][1], "top_k": ranked}
+        def predict(images: list[torch.Tensor]):
+            return self.predict_tensors(images, batch_size, n_images=len(paths)).numpy()
 
-        # the next batch decodes in background threads while this one runs through the model
-        chunk: list[tuple[Path, torch.Tensor | None, str | None]] = []
-        for path, (tensor, error) in zip(paths, iter_decoded(paths, self.preprocess, lookahead=2 * batch_size),
-                                         strict=True):
-            chunk.append((path, tensor, error))
-            if len(chunk) == batch_size:
-                yield from flush(chunk)
-                chunk = []
-        yield from flush(chunk)
+        return prediction.stream(paths, decoded, predict, self.classes, top_k, batch_size)
 
     def predict(self, inputs: list[str | os.PathLike] | str | os.PathLike, top_k: int = 3) -> list[dict]:
         if isinstance(inputs, (str, os.PathLike)):

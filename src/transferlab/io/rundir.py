@@ -7,6 +7,8 @@ RUN_DIR/config.json         format_version, backbone and weights source, classes
                             preprocessing, every training option, versions, SHA-256 of the weights
 RUN_DIR/metrics.json        test-split metrics; history.csv; data_report.json; *.png figures
 RUN_DIR/test_predictions.csv  path, true, pred, score and per-class probabilities of each test image
+RUN_DIR/model.onnx          the exported model (fp32; model.int8.onnx quantized), export.json: what was
+                            exported from which weights, int8 agreement and speed
 RUN_DIR/evaluations/<name>/ metrics.json, data_report.json, figures and a fingerprint of an ``evaluate``
 RUN_DIR/checkpoint/         state.json + state-<stage>-<epoch>.safetensors while training runs
 
@@ -50,6 +52,9 @@ CLASS_DISTRIBUTION_FIGURE = "class_distribution.png"
 TRAINING_CURVES_FIGURE = "training_curves.png"
 EVALUATIONS_DIR = "evaluations"
 FINGERPRINT_FILE = "fingerprint.txt"
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+EXPORT_FILE = "export.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"
 HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -203,6 +208,9 @@ class RunDir:
         self.confusion_matrix = self.path / CONFUSION_MATRIX_FIGURE
         self.class_distribution = self.path / CLASS_DISTRIBUTION_FIGURE
         self.training_curves = self.path / TRAINING_CURVES_FIGURE
+        self.onnx = self.path / ONNX_FILE
+        self.onnx_int8 = self.path / ONNX_INT8_FILE
+        self.export = self.path / EXPORT_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_DIR
         self.checkpoint_state = self.checkpoint_dir / CHECKPOINT_STATE_FILE
 
@@ -277,6 +285,29 @@ class RunDir:
             state.update(part)
         return state
 
+    def weights_unchanged(self, config: RunConfigRecord) -> bool:
+        """Whether every weight file is present with the SHA-256 config.json records."""
+        try:
+            return all(expected and sha256_file(self.path / name) == expected
+                       for name, expected in self.weight_files(config).items())
+        except OSError:
+            return False
+
+    def read_export(self) -> dict:
+        """export.json (file name -> what it is, its SHA-256, the weights it came from); {} when absent."""
+        try:
+            record = read_json(self.export) if self.export.is_file() else {}
+        except TransferlabError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def record_export(self, name: str, entry: dict) -> None:
+        """Add (or replace) one exported file's entry in export.json."""
+        record = self.read_export()
+        record.setdefault("format_version", 1)
+        record.setdefault("files", {})[name] = entry
+        write_json(self.export, record)
+
     def weights_description(self, config: RunConfigRecord) -> str:
         """How to name the weights in an error: the one file, or the folder and its files."""
         files = self.weight_files(config)
@@ -329,6 +360,8 @@ class RunDir:
             weight_files = {BACKBONE_FILE: _link_shared_blob(backbone, Path(shared_dir), self.backbone)}
         else:
             self.backbone.unlink(missing_ok=True)  # a stale file from an earlier run in this folder
+        for stale in (self.onnx, self.onnx_int8, self.export):  # exports of earlier weights in this folder
+            stale.unlink(missing_ok=True)
         with atomic_path(self.model) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "producer": f"transferlab {__version__}"})
         return weight_files

@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch is imported where pixels are transformed: the config itself must load without it
     import torch
 
@@ -67,8 +69,8 @@ def _normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor
     return (batch_uint8.float() - mean) / std
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre crop of a CHW tensor; images smaller than ``size`` were already resized up at decode."""
+def center_crop(image: torch.Tensor | np.ndarray, size: int) -> torch.Tensor | np.ndarray:
+    """Centre crop of a CHW tensor or array; images smaller than ``size`` were already resized up at decode."""
     _, h, w = image.shape
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
     return image[:, top : top + size, left : left + size]
@@ -101,6 +103,15 @@ def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig, view: str = "c
     if view not in TTA_VIEWS:
         raise ValueError(f"view must be one of {TTA_VIEWS}, got {view!r}")
     return _normalize(torch.stack([_view(im, cfg, view) for im in images]), cfg)
+
+
+def eval_array(images: list[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
+    """The ``center`` view of :func:`eval_batch` in numpy, for the torch-free predict path: decoded CHW uint8
+    arrays -> a normalised float32 NCHW batch, the same numbers as the torch path's."""
+    crops = [center_crop(image, cfg.input_size) for image in images]
+    mean = np.asarray(cfg.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+    std = np.asarray(cfg.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+    return (np.stack(crops).astype(np.float32) - mean) / std
 
 
 class TrainAugment:

@@ -10,11 +10,8 @@ native bf16, CUDA, MPS).
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import logging
 import threading
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +23,13 @@ from ..errors import TransferlabError
 from ..models.preprocessing import TTA_VIEWS, PreprocessConfig, eval_batch
 from ..options import ENGINES
 from ..progress import progress_bar
+from .export import onnx_bytes
+from .onnx_session import cpu_session, onnxruntime_available
 from .precision import Policy
 
 log = logging.getLogger("transferlab")
 # Below this many images the export (~1 s) costs more than ONNX Runtime saves (~15 ms per image).
 MIN_IMAGES_FOR_EXPORT = 64
-
-
-def onnxruntime_available() -> bool:
-    """ONNX Runtime runs the model; the onnx package is what torch's exporter writes with."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def resolve_engine(engine: str, policy: Policy) -> str:
@@ -68,25 +62,20 @@ class _Traceable(nn.Module):
         return self.fn(x)
 
 
+def engine_for(engine: str, policy: Policy, n_images: int) -> str:
+    """The engine that runs ``n_images`` images: ``auto`` uses ONNX Runtime where it is faster and the
+    export pays (at least :data:`MIN_IMAGES_FOR_EXPORT` images)."""
+    resolved = resolve_engine(engine, policy)
+    if engine == "auto" and n_images < MIN_IMAGES_FOR_EXPORT:
+        return "torch"
+    return resolved
+
+
 class OnnxRunner:
     """An eval-mode module exported to ONNX (in memory, batch axis dynamic) and run by ONNX Runtime."""
 
     def __init__(self, module: nn.Module, input_size: int):
-        import onnxruntime as ort
-
-        buffer = io.BytesIO()
-        example = torch.zeros(1, 3, input_size, input_size)
-        with warnings.catch_warnings():
-            # the TorchScript-based exporter: deprecated in favour of the torch.export one, which needs
-            # onnxscript and takes several times longer for the same graph
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, buffer, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(onnx_bytes(module, input_size), torch.get_num_threads())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous().numpy()  # ONNX Runtime takes NCHW, whatever the policy's layout
@@ -111,7 +100,7 @@ def forward_fn(module: nn.Module | Callable, policy: Policy, engine: str, input_
     ``module`` may be a bound method of ``owner`` (``model.features``). With ``auto``, fewer than
     :data:`MIN_IMAGES_FOR_EXPORT` images run on torch, and a failed export (a model with data-dependent
     control flow) falls back to torch with a log line."""
-    if resolve_engine(engine, policy) != "onnxruntime" or (engine == "auto" and n_images < MIN_IMAGES_FOR_EXPORT):
+    if engine_for(engine, policy, n_images) != "onnxruntime":
         return module
     key = owner if owner is not None else module
     name = getattr(module, "__name__", "forward")

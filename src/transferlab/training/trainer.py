@@ -25,6 +25,7 @@ from ..config import TrainConfig
 from ..data.discovery import Sample, Splits, class_counts, discover
 from ..data.images import decode_samples
 from ..data.splits import plan_splits
+from ..deployment import write_fp32
 from ..errors import TransferlabError
 from ..features import FeatureCache, FeatureExtractor, cache_root
 from ..io.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint
@@ -35,7 +36,7 @@ from ..models.build import ModelSpec, build_model
 from ..models.preprocessing import TTA_VIEWS
 from ..provenance import seed_everything, versions
 from ..run import Run
-from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits
+from ..runtime.inference import InferenceOptions, average_views, engine_for, predict_in_batches, predict_logits
 from ..runtime.precision import Policy, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
@@ -85,16 +86,17 @@ class Trainer:
     ``shared_dir`` (experiments): a frozen backbone's unchanged weights go to a content-addressed file there.
     ``resume``: a missing checkpoint is an error (without it an existing checkpoint is resumed anyway).
     ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects attached to every stage.
+    ``export``: write the ONNX model at the end (RUN_DIR/model.onnx), so ``predict`` runs without torch.
     """
 
     def __init__(self, config: TrainConfig, out, *, shared_dir=None, resume: bool = False,
-                 callbacks: tuple[Callback, ...] | list[Callback] = ()):
+                 callbacks: tuple[Callback, ...] | list[Callback] = (), export: bool = False):
         self.cfg = config.resolved()
         self.run_dir = RunDir(check_writable_dir(out))
         self.strategy = make_strategy(self.cfg)
         # only a backbone that never trains has weights worth sharing between runs
         self.shared_dir = shared_dir if not self.strategy.uses_pixels else None
-        self.resume, self.extra_callbacks = resume, list(callbacks)
+        self.resume, self.extra_callbacks, self.export = resume, list(callbacks), export
         self.record = self.cfg.with_absolute_paths().to_dict()  # config.json's "train", the checkpoint's key
         self.timings = Timings()
         self.history: list[dict] = []
@@ -192,6 +194,7 @@ class Trainer:
         metrics = compute_metrics(predictions.y_true, predictions.probs, classes)
         metrics["train_seconds"] = round(self.timings.train_seconds, 3)
         metrics["decode_seconds"] = round(self.timings.decode_seconds, 3)
+        metrics["inference"] = self._inference_record()
         kept = self.kept_epoch()
         metrics["selected_epoch"] = {"stage": kept["stage"], "epoch": kept["epoch"]} if kept else None
         metrics["total_seconds"] = round(time.perf_counter() - self.timings.started, 3)
@@ -199,9 +202,34 @@ class Trainer:
                              self._data_report(), predictions)
         self.run_dir.write(outputs, shared_dir=self.shared_dir)
         remove_checkpoint(self.run_dir)
+        config = self.run_dir.read_config()
+        if self.export:
+            self._export(config)
         log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
                  *metrics["accuracy_ci95"], metrics["f1"], self.run_dir.path)
-        return Run(self.run_dir.path, self.run_dir.read_config(), self.model, self.policy)
+        return Run(self.run_dir.path, config, self.model, self.policy)
+
+    def _export(self, config: dict) -> None:
+        """The ONNX model for the torch-free ``predict``; a model the exporter cannot handle (data-dependent
+        control flow) leaves the run usable through torch."""
+        try:
+            write_fp32(self.run_dir, self.model, config)
+        except TransferlabError:
+            raise
+        except Exception as exc:
+            log.warning("ONNX export failed (%s: %s); predict will run on torch", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+
+    def _inference_record(self) -> dict:
+        """How the test predictions were computed: the whole model on the test images, or (a frozen backbone)
+        the head on features that the backbone computed for every image read (or the cache held)."""
+        inputs = self.inputs
+        if self.strategy.uses_pixels:
+            n = len(inputs.test) * (len(TTA_VIEWS) if self.cfg.tta else 1)
+        else:
+            n = len(inputs.train) + len(inputs.test) + (len(inputs.val) if inputs.val else 0)
+        return {"engine": engine_for(self.cfg.engine, self.policy, n), "precision": self.policy.precision,
+                "device": self.policy.device}
 
     def kept_epoch(self) -> dict | None:
         """The history row whose weights were kept: the best epoch of the last stage by
