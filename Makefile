@@ -27,7 +27,8 @@ demo: $(STAMP)
 	@$(BIN)/transferlab $(DIGITS)
 	@echo; cat runs/demo/study/results.md; echo; cat runs/demo/digits/results.md; echo
 	@echo "reports: runs/demo/study/report.html  runs/demo/digits/report.html (open them in a browser)"
-	@echo "try: $(BIN)/transferlab predict runs/demo/study/runs/<run> data/hymenoptera/val/bees --top-k 2"
+	@echo "try: $(BIN)/transferlab export runs/demo/study/runs/<run>  (then predict runs without torch)"
+	@echo "     $(BIN)/transferlab predict runs/demo/study/runs/<run> data/hymenoptera/val/bees --top-k 2"
 
 # Unit + integration tests (well under 15 minutes on 2 cores). pytest's exit code 5 (no tests) is not a failure.
 test: $(STAMP)

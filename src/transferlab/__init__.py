@@ -4,15 +4,17 @@
     run = transferlab.train("data/hymenoptera", out="runs/r1", strategy="freeze")
     run.predict(["photo.jpg"])
     transferlab.evaluate("runs/r1", "other_data/")
+    transferlab.export("runs/r1", quantize="int8")
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Run", "TransferlabError", "train", "evaluate", "load_run", "list_backbones",
-           "run_experiment", "render_report", "__version__"]
+__all__ = ["TrainConfig", "Run", "TransferlabError", "train", "evaluate", "load_run", "load_predictor", "export",
+           "list_backbones", "run_experiment", "render_report", "__version__"]
 
 
-_LAZY = {"train": "api", "evaluate": "api", "load_run": "api", "run_experiment": "api", "render_report": "api",
+_LAZY = {"train": "api", "evaluate": "api", "load_run": "api", "load_predictor": "api", "export": "api",
+         "run_experiment": "api", "render_report": "api",
          "TrainConfig": "config", "Run": "run", "TransferlabError": "errors", "list_backbones": "models.backbones"}
 
 

@@ -27,8 +27,6 @@ log = logging.getLogger("transferlab")
 class OnnxClassifier:
     """Class probabilities for images from an exported transferlab model."""
 
-    engine = "onnxruntime fp32 (exported model, no torch)"
-
     def __init__(self, session, classes: list[str], preprocess: PreprocessConfig):
         self.session, self.classes, self.preprocess = session, list(classes), preprocess
 
