@@ -207,11 +207,29 @@ def test_export_int8_measures_agreement_and_speed(exported, tmp_path):
     assert record["images_per_s"]["fp32"] > 0 and record["images_per_s"]["int8"] > 0
     assert re.search(r"int8: top-1 agreement with fp32 [\d.]+% on 4 test images; [\d.]+ images/s fp32, "
                      r"[\d.]+ images/s int8", out)
-    probs, _ = cpu_session(run_dir / "model.int8.onnx", 1).run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})
+    session = cpu_session(run_dir / "model.int8.onnx", 1)
+    probs, _ = session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-3)
+    assert json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])["precision"] == "int8"
+    # an int8 file in model.onnx's place is never run as the fp32 model
+    shutil.copyfile(run_dir / "model.int8.onnx", run_dir / "model.onnx")
+    rc, _, err = _cli(["predict", str(run_dir), str(next(exported["data"].rglob("*.png")))])
+    assert rc == 0 and "is not the fp32 model" in err
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "missing_calibration", "unwritable_out", "gone_training_folder"])
+def test_metrics_say_what_computed_the_test_predictions(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    first = transferlab.train(data, out=tmp_path / "a", strategy="freeze", epochs=1, **TINY, **cache)
+    assert first.metrics["inference"] == {"engine": "torch", "precision": "fp32", "device": "cpu",
+                                          "features": {"from_cache": 0, "computed": 8}}  # 8 images: torch
+    again = transferlab.train(data, out=tmp_path / "b", strategy="freeze", epochs=1, head="16", **TINY, **cache)
+    assert again.metrics["inference"]["engine"] == "cache"
+    assert again.metrics["inference"]["features"] == {"from_cache": 8, "computed": 0}
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "missing_calibration", "unwritable_out", "gone_training_folder",
+                                  "int8_over_the_fp32_model"])
 def test_bad_export_input_is_one_line_and_writes_nothing(exported, tmp_path, case):
     run_dir = tmp_path / "run"
     shutil.copytree(exported["dir"], run_dir)
@@ -225,6 +243,8 @@ def test_bad_export_input_is_one_line_and_writes_nothing(exported, tmp_path, cas
     elif case == "unwritable_out":
         (tmp_path / "blocker").write_text("a file")
         argv += ["--out", str(tmp_path / "blocker" / "model.onnx")]
+    elif case == "int8_over_the_fp32_model":
+        argv += ["--out", str(run_dir / "model.onnx")]
     else:
         config = json.loads((run_dir / "config.json").read_text())
         config["train"]["data_dir"] = str(tmp_path / "moved_away")
@@ -232,5 +252,6 @@ def test_bad_export_input_is_one_line_and_writes_nothing(exported, tmp_path, cas
     rc, _, err = _cli(argv)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("transferlab: error: "), err
     assert {"not_a_run": "config.json", "missing_calibration": "--calibration",
-            "unwritable_out": "--out", "gone_training_folder": "--calibration DIR"}[case] in err
+            "unwritable_out": "--out", "gone_training_folder": "--calibration DIR",
+            "int8_over_the_fp32_model": "that is the run's fp32 model"}[case] in err
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".onnx", ".tmp")]

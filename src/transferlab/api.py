@@ -113,18 +113,19 @@ def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.Path
     """
     from .experiment.runner import run_grid
     from .experiment.spec import ExperimentSpec
+    from .io.expdir import ExperimentDir
     from .report.html import render_report as render
     from .report.write import write_results
 
     result = run_grid(ExperimentSpec.create(data_dir, out, **spec))
     result.results = write_results(result.directory)
-    if render:
-        result.report = render(result.directory, result.results)
+    result.report = render(result.directory, result.results) if render else ExperimentDir(result.directory).report
     return result
 
 
-def render_report(exp_dir: str | os.PathLike):
-    """Re-write EXP_DIR's results.csv, results.md and charts from the files on disk, then report.html."""
+def render_report(exp_dir: str | os.PathLike, results: dict | None = None):
+    """Render EXP_DIR/report.html; without ``results`` (from :func:`transferlab.report.write.write_results`)
+    results.csv, results.md and the charts are re-written from the files on disk first."""
     from .report.html import render_report as render
 
-    return render(exp_dir)
+    return render(exp_dir, results)

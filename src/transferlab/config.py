@@ -157,5 +157,6 @@ RANGES: dict[str, Range] = {
     "test_size": Range(0.0, 1.0, low_open=True, high_open=True), "val_size": Range(0.0, 1.0, high_open=True),
     "backbone_lr_mult": Range(0.0), "warmup_epochs": Range(0.0), "batch_size": Range(1), "head_epochs": Range(0),
     "unfreeze_last": Range(1), "lr": Range(0.0, low_open=True), "weight_decay": Range(0.0),
+    "epochs": Range(0),  # the lower bound depends on the strategy (MIN_EPOCHS); validate() fills it in
     "image_size": Range(32, 1024), "patience": Range(1),
 }

@@ -9,9 +9,11 @@ with fp32 on the run's test split and the images/s of both are measured and writ
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from .io.files import atomic_path, check_writable_dir
 from .io.rundir import RunConfigRecord, RunDir
 from .models.preprocessing import PreprocessConfig, eval_array
 from .options import QUANTIZATIONS, check_choice
-from .runtime.onnx_session import INPUT_NAME, OUTPUT_NAMES, cpu_session
+from .runtime.onnx_session import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cpu_session
 
 log = logging.getLogger("transferlab")
 
@@ -55,7 +57,11 @@ def write_fp32(run_dir: RunDir, model, config: RunConfigRecord, target: Path | N
     from .runtime.export import classifier_onnx
 
     target = Path(target) if target is not None else run_dir.onnx
-    data = classifier_onnx(model, export_metadata(config, run_dir, "fp32"))
+    try:
+        data = classifier_onnx(model, export_metadata(config, run_dir, "fp32"))
+    except Exception as exc:  # a model with data-dependent control flow, an operator without ONNX support
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise TransferlabError(f"{target}: ONNX export failed ({type(exc).__name__}: {detail})") from None
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
     if target.parent.resolve() == run_dir.path.resolve():
@@ -76,7 +82,7 @@ def export_run(directory: str | os.PathLike, out: str | os.PathLike | None = Non
         check_choice("quantize", quantize, QUANTIZATIONS)
     calibration_images = _calibration_images(config, run_dir, calibration) if quantize else None
     if out is not None:
-        check_writable_dir(Path(out).parent, "--out")
+        _check_out(Path(out), run_dir, quantize)
     run = Run.load(run_dir.path, precision="fp32", device="cpu")
     result = ExportResult()
     fp32_target = Path(out) if out is not None and quantize is None else run_dir.onnx
@@ -87,6 +93,15 @@ def export_run(directory: str | os.PathLike, out: str | os.PathLike | None = Non
         result.int8 = quantize_int8(result.files["fp32"], int8_target, calibration_images, run_dir, config)
         result.files["int8"] = int8_target
     return result
+
+
+def _check_out(out: Path, run_dir: RunDir, quantize: str | None) -> None:
+    """``--out`` must be writable and must not take the name the run gives the other precision's model."""
+    check_writable_dir(out.parent, "--out")
+    other = run_dir.onnx if quantize else run_dir.onnx_int8
+    if out.resolve() == other.resolve():
+        raise TransferlabError(f"--out {out}: that is the run's {'fp32' if quantize else 'int8'} model; "
+                               "choose another file name")
 
 
 def _calibration_images(config: RunConfigRecord, run_dir: RunDir, calibration: str | os.PathLike | None
@@ -150,18 +165,39 @@ def quantize_int8(fp32: Path, target: Path, calibration: tuple[list[Path], str],
             return next(self.batches, None)
 
     log.info("int8: calibrating on %d images (%s)", n_calibration, calibration[1])
-    with tempfile.TemporaryDirectory() as scratch, atomic_path(target) as tmp:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
-        quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
-    measured = measure_against_fp32(fp32, target, run_dir, preprocess)
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared, quantized = Path(scratch) / "prepared.onnx", Path(scratch) / "int8.onnx"
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
+            quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
+            _mark_precision(quantized, "int8")
+            measured = measure_against_fp32(fp32, quantized, run_dir, preprocess)
+        except TransferlabError:
+            raise
+        except Exception as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise TransferlabError(f"--quantize int8: ONNX Runtime could not quantize {fp32} "
+                                   f"({type(exc).__name__}: {detail})") from None
+        with atomic_path(target) as tmp:
+            shutil.copyfile(quantized, tmp)
     entry = {"precision": "int8", "sha256": sha256_file(target), "weights": run_dir.weight_files(config),
              "calibration": {"source": calibration[1], "images": n_calibration}, **measured}
     if target.parent.resolve() == run_dir.path.resolve():
         run_dir.record_export(target.name, entry)
     return entry
+
+
+def _mark_precision(path: Path, precision: str) -> None:
+    """Quantization copies the fp32 model's metadata; the int8 file says what it is."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps(json.loads(prop.value) | {"precision": precision}, sort_keys=True)
+    onnx.save(model, str(path))
 
 
 def measure_against_fp32(fp32: Path, int8: Path, run_dir: RunDir, preprocess: PreprocessConfig) -> dict:

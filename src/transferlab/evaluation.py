@@ -40,7 +40,7 @@ def labelled_for_model(samples: list[Sample], classes: list[str], mapping: dict[
                        known_as: str = "the model's classes") -> list[Sample]:
     """The samples with their class renamed by ``mapping``; a class the model does not know is an error
     naming ``what`` (the folder's option)."""
-    unknown = sorted({s.label for s in samples if mapping.get(s.label, s.label) not in classes})
+    unknown = [s.label for s in samples if mapping.get(s.label, s.label) not in classes]
     if unknown:
         raise TransferlabError(f"{what}: class '{unknown[0]}' is not one of {known_as} "
                                f"({', '.join(classes)}); map it with --class-map")
@@ -66,10 +66,11 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     listed, layout = discover_evaluation(data_dir)
     target = EvaluationDir(check_writable_dir(out if out is not None else
                                               run.directory / EVALUATIONS_DIR / data_dir.resolve().name))
-    samples = labelled_for_model(listed, run.classes, mapping, f"DATA_DIR {data_dir}")
-    decoded = decode_samples(samples, run.preprocess, strict=strict, desc="decoding images")
+    model_label = {s.path: m.label for s, m in zip(listed, labelled_for_model(listed, run.classes, mapping,
+                                                                           f"DATA_DIR {data_dir}"), strict=True)}
+    decoded = decode_samples(listed, run.preprocess, strict=strict, desc="decoding images")
     index = {c: i for i, c in enumerate(run.classes)}
-    y_true = np.array([index[s.label] for s in decoded.samples], dtype=np.int64)
+    y_true = np.array([index[model_label[s.path]] for s in decoded.samples], dtype=np.int64)
     if len(y_true) == 0:
         raise TransferlabError(f"DATA_DIR {data_dir}: no usable images")
     probs = run.predict_tensors(decoded.images).numpy()
@@ -77,7 +78,9 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     metrics["data_dir"] = str(data_dir.resolve())
     metrics["tta"] = run.tta
     report = {"data_dir": str(data_dir.resolve()), "layout": layout, "class_map": mapping,
-              "counts": {"evaluation": class_counts(decoded.samples, run.classes)}, "skipped": decoded.skipped}
+              "counts": {"evaluation": class_counts([Sample(s.path, model_label[s.path]) for s in decoded.samples],
+                                                    run.classes)},
+              "skipped": decoded.skipped}
     target.write(metrics, report, title=f"Confusion matrix ({data_dir.name})")
     log.info("accuracy %.4f on %d images of %s; written to %s", metrics["accuracy"], len(y_true), data_dir,
              target.path)

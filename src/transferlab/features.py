@@ -34,7 +34,7 @@ from .io.digest import file_digest
 from .io.files import atomic_path
 from .progress import progress_bar
 from .provenance import result_versions
-from .runtime.inference import forward_fn, predict_in_batches
+from .runtime.inference import engine_of, forward_fn, predict_in_batches
 from .runtime.precision import Policy
 
 log = logging.getLogger("transferlab")
@@ -74,6 +74,7 @@ def model_key(model, policy: Policy, view: str = "center") -> str:
 class FeatureResult:
     features: dict[Sample, torch.Tensor]
     skipped: list[dict] = field(default_factory=list)
+    engine: str | None = None  # what computed the misses (None: everything came from the cache)
     hits: int = 0
     misses: int = 0
 
@@ -217,6 +218,7 @@ class FeatureExtractor:
         model.eval()
         extract = forward_fn(model.features, self.policy, self.engine, preprocess.input_size, len(missing),
                              owner=model)
+        result.engine = engine_of(extract)
         batch: list[tuple[Sample, torch.Tensor]] = []
 
         def flush() -> None:

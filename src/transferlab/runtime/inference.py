@@ -62,6 +62,11 @@ class _Traceable(nn.Module):
         return self.fn(x)
 
 
+def engine_of(fn: Callable) -> str:
+    """The engine a function from :func:`forward_fn` runs on (an export that failed ran on torch)."""
+    return "onnxruntime" if isinstance(fn, OnnxRunner) else "torch"
+
+
 def engine_for(engine: str, policy: Policy, n_images: int) -> str:
     """The engine that runs ``n_images`` images: ``auto`` uses ONNX Runtime where it is faster and the
     export pays (at least :data:`MIN_IMAGES_FOR_EXPORT` images)."""
@@ -159,15 +164,18 @@ class InferenceOptions:
 
 @torch.no_grad()
 def predict_logits(model, images: list[torch.Tensor], policy: Policy, options: InferenceOptions | None = None,
-                   desc: str = "", n_images: int | None = None) -> torch.Tensor:
+                   desc: str = "", n_images: int | None = None, engines: set[str] | None = None) -> torch.Tensor:
     """Logits of ``model`` (eval mode, preprocessing ``model.backbone.preprocess``) for decoded images; with
     ``options.tta`` the log of the probabilities averaged over the views. ``n_images``: how many images the
-    caller will push through in all, which decides whether an ONNX export pays (default ``len(images)``)."""
+    caller will push through in all, which decides whether an ONNX export pays (default ``len(images)``).
+    ``engines``: the engine that ran is added to it."""
     options = options or InferenceOptions()
     preprocess = model.backbone.preprocess
     views = TTA_VIEWS if options.tta else ("center",)
     total = (n_images if n_images is not None else len(images)) * len(views)
     fn = forward_fn(model, policy, options.engine, preprocess.input_size, total)
+    if engines is not None:
+        engines.add(engine_of(fn))
     outputs = [predict_in_batches(fn, images, preprocess, policy, options.batch_size,
                                   f"{desc} ({view})" if desc and options.tta else desc, view) for view in views]
     return average_views(outputs) if options.tta else outputs[0]

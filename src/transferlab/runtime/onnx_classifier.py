@@ -47,6 +47,10 @@ class OnnxClassifier:
             meta = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
         except Exception as exc:  # a damaged or foreign file: the torch path still works
             return None, f"{run_dir.onnx.name} cannot be read ({type(exc).__name__})"
+        if not isinstance(meta, dict):
+            return None, f"{run_dir.onnx.name} has no transferlab metadata"
+        if meta.get("precision") != "fp32":
+            return None, f"{run_dir.onnx.name} is not the fp32 model (its metadata says {meta.get('precision')})"
         if meta.get("weights") != run_dir.weight_files(config):
             return None, f"{run_dir.onnx.name} was exported from other weights (stale): run `transferlab export " \
                          f"{run_dir.path}` again"

@@ -36,7 +36,7 @@ from ..models.build import ModelSpec, build_model
 from ..models.preprocessing import TTA_VIEWS
 from ..provenance import seed_everything, versions
 from ..run import Run
-from ..runtime.inference import InferenceOptions, average_views, engine_for, predict_in_batches, predict_logits
+from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits
 from ..runtime.precision import Policy, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
@@ -107,6 +107,8 @@ class Trainer:
         self.extractor: FeatureExtractor | None = None
         self.loss_fn: nn.Module | None = None
         self.inputs: Inputs | None = None
+        self.engines: set[str] = set()  # the inference engines that ran the backbone (metrics.json "inference")
+        self.feature_counts = {"from_cache": 0, "computed": 0}
 
     def run(self) -> Run:
         self.prepare()
@@ -149,7 +151,7 @@ class Trainer:
             decoded = decode_samples(listed, self.model.backbone.preprocess, strict=cfg.strict, desc="decoding images")
             images, skipped = dict(zip(decoded.samples, decoded.images, strict=True)), decoded.skipped
         else:
-            result = self.extractor.extract(listed, strict=cfg.strict)
+            result = self._extract_for_test(listed, strict=cfg.strict)
             features, skipped = result.features, result.skipped
         self.timings.decode_seconds = time.perf_counter() - started
         plan = plan_splits(splits, set(images if images is not None else features), cfg.test_size, cfg.val_size,
@@ -211,25 +213,20 @@ class Trainer:
 
     def _export(self, config: dict) -> None:
         """The ONNX model for the torch-free ``predict``; a model the exporter cannot handle (data-dependent
-        control flow) leaves the run usable through torch."""
+        control flow) or a full disk leaves the run usable through torch."""
         try:
             write_fp32(self.run_dir, self.model, config)
-        except TransferlabError:
-            raise
-        except Exception as exc:
-            log.warning("ONNX export failed (%s: %s); predict will run on torch", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
+        except TransferlabError as exc:  # the run itself is complete: a failed export must not fail it
+            log.warning("%s; predict will run on torch", exc)
 
     def _inference_record(self) -> dict:
-        """How the test predictions were computed: the whole model on the test images, or (a frozen backbone)
-        the head on features that the backbone computed for every image read (or the cache held)."""
-        inputs = self.inputs
-        if self.strategy.uses_pixels:
-            n = len(inputs.test) * (len(TTA_VIEWS) if self.cfg.tta else 1)
-        else:
-            n = len(inputs.train) + len(inputs.test) + (len(inputs.val) if inputs.val else 0)
-        return {"engine": engine_for(self.cfg.engine, self.policy, n), "precision": self.policy.precision,
-                "device": self.policy.device}
+        """What computed the test predictions: the engine(s) that ran the backbone (for a frozen one also how
+        many features came from the cache; the head runs on torch), the precision and the device."""
+        record = {"engine": "+".join(sorted(self.engines)) or "cache", "precision": self.policy.precision,
+                  "device": self.policy.device}
+        if not self.strategy.uses_pixels:
+            record["features"] = dict(self.feature_counts)
+        return record
 
     def kept_epoch(self) -> dict | None:
         """The history row whose weights were kept: the best epoch of the last stage by
@@ -315,13 +312,22 @@ class Trainer:
         model.eval()
         if self.strategy.uses_pixels:
             return predict_logits(model, test.images, self.policy, InferenceOptions(cfg.engine, cfg.tta),
-                                  desc="testing")
+                                  desc="testing", engines=self.engines)
         per_view = [test.features]
         for view in TTA_VIEWS[1:] if cfg.tta else ():
-            found = self.extractor.extract(test.samples, view=view).features
+            found = self._extract_for_test(test.samples, view=view).features
             per_view.append(torch.stack([found[s] for s in test.samples]))
         logits = [model.head(f.to(self.policy.device)).float().cpu() for f in per_view]
         return average_views(logits) if cfg.tta else logits[0]
+
+    def _extract_for_test(self, samples: list[Sample], **options):
+        """Frozen features that the test predictions come from, with a record of what computed them."""
+        result = self.extractor.extract(samples, **options)
+        if result.engine is not None:
+            self.engines.add(result.engine)
+        self.feature_counts["from_cache"] += result.hits
+        self.feature_counts["computed"] += result.misses
+        return result
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weights != "balanced":
