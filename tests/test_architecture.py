@@ -98,6 +98,18 @@ def test_results_never_import_the_report():
                                                             "transferlab.api"))}, name
 
 
+def test_nothing_imports_the_fronts():
+    """The CLI and the server only call the Python API: nothing imports the CLI, only the API starts the
+    server, and the server never imports the API or the CLI."""
+    graph = import_graph(PACKAGE, "transferlab")
+    for name, imports in graph.items():
+        assert "transferlab.cli" not in imports, name
+        if name != "transferlab.api" and not name.startswith("transferlab.serve"):
+            assert not {i for i in imports if i.startswith("transferlab.serve")}, name
+        if name.startswith("transferlab.serve"):
+            assert not imports & {"transferlab.api", "transferlab.cli"}, name
+
+
 def _functions(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):

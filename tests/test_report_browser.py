@@ -7,49 +7,18 @@ A full-page screenshot is saved next to the report (report_screenshot.png) for a
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from browser import browser_or_skip, chromium
 from conftest import TINY, make_class_folders, make_image
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage")
-
-
-def _browser_or_skip():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("python package selenium")
-    if missing:
-        reason = (f"browser test needs {', '.join(missing)} "
-                  "(apt-get install chromium chromium-driver; pip install selenium)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def open_report(report: Path, screenshot: Path | None = None, width: int = 1280) -> dict:
     """Load report.html from disk in headless Chromium; returns what the page shows, and saves a full-page
     screenshot. Usable by hand: ``python -c 'from test_report_browser import open_report; ...'``."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="transferlab-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(30)
+    with chromium(width=width) as driver:
         driver.get(report.resolve().as_uri())
         images = driver.execute_script(
             "return Array.from(document.images).map(function (im) {"
@@ -75,9 +44,6 @@ def open_report(report: Path, screenshot: Path | None = None, width: int = 1280)
         console = driver.get_log("browser")
         return {"images": images, "tables": tables, "external": external, "console": console,
                 "sorted": sorted_values, "title": driver.title}
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +65,7 @@ def experiment_dir(tmp_path_factory) -> Path:
 
 
 def test_report_opens_offline_with_every_image_and_run(experiment_dir):
-    _browser_or_skip()
+    browser_or_skip()
     report = experiment_dir / "report.html"
     shot = experiment_dir / "report_screenshot.png"
     page = open_report(report, shot)

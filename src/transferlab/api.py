@@ -14,7 +14,8 @@ import os
 from .config import TrainConfig
 from .errors import TransferlabError
 
-__all__ = ["train", "evaluate", "load_run", "load_predictor", "export", "run_experiment", "render_report"]
+__all__ = ["train", "evaluate", "load_run", "load_predictor", "export", "explain_images", "serve", "run_experiment",
+           "render_report"]
 
 log = logging.getLogger("transferlab")
 
@@ -57,39 +58,11 @@ def evaluate(run, data_dir: str | os.PathLike, out: str | os.PathLike | None = N
 
 def load_predictor(directory: str | os.PathLike, *, precision: str = "auto", device: str = "auto",
                    engine: str = "auto", tta: bool | None = None):
-    """What ``predict`` runs: the run's exported model on ONNX Runtime without torch when the run holds a
-    current one and the options allow it (fp32 on the CPU, no test-time augmentation, ``engine`` auto or
-    onnxruntime); otherwise the torch :class:`~transferlab.run.Run`, with one log line saying why. Both have
-    ``iter_predictions(inputs, top_k, batch_size)``."""
-    from .io.rundir import RunDir
-    from .options import DEVICES, ENGINES, PRECISIONS, check_choice
+    """What ``predict`` runs (see :func:`transferlab.predictor.load_predictor`): the exported model without
+    torch when the run holds a current one and the options allow it, else the torch Run."""
+    from .predictor import load_predictor as load
 
-    for option, value, allowed in (("precision", precision, PRECISIONS), ("device", device, DEVICES),
-                                   ("engine", engine, ENGINES)):
-        check_choice(option, value, allowed)
-    config = RunDir(directory).read_config()
-    tta = bool(config["train"].get("tta", False)) if tta is None else tta
-    reason = _needs_torch(precision, device, engine, tta)
-    if reason is None:
-        from .runtime.onnx_classifier import OnnxClassifier
-
-        classifier, reason = OnnxClassifier.from_run(directory)
-        if classifier is not None:
-            return classifier
-    log.info("predict runs on torch: %s", reason)
-    run = load_run(directory, precision=precision, device=device)
-    run.tta, run.engine = tta, engine
-    return run
-
-
-def _needs_torch(precision: str, device: str, engine: str, tta: bool) -> str | None:
-    if engine == "torch":
-        return "--engine torch"
-    if precision not in ("auto", "fp32") or device not in ("auto", "cpu"):
-        return f"--precision {precision} --device {device} (the exported model runs fp32 on the CPU)"
-    if tta:
-        return "test-time augmentation (its views resize tensors)"
-    return None
+    return load(directory, precision=precision, device=device, engine=engine, tta=tta)
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, quantize: str | None = None,
@@ -98,6 +71,36 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     from .deployment import export_run
 
     return export_run(run_dir, out, quantize=quantize, calibration=calibration)
+
+
+def explain_images(run_dir: str | os.PathLike, records: list[dict], out_dir: str | os.PathLike) -> list[str]:
+    """Grad-CAM overlays for prediction records (``predict --gradcam``); see :mod:`transferlab.explain`."""
+    from .explain import Explainer, write_overlays
+
+    return write_overlays(Explainer(run_dir), records, out_dir)
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    """Serve the run's page and JSON API with uvicorn until interrupted (:mod:`transferlab.serve.app`);
+    ``settings``: the fields of :class:`~transferlab.serve.app.ServeSettings` (max_upload_mb, batch_size,
+    queue_size, explain, cors_origins, ...)."""
+    try:
+        import uvicorn
+
+        from .serve.app import ServeSettings, create_app
+    except ImportError as exc:
+        raise TransferlabError(f"serve needs the serve extra ({exc.name} is missing): "
+                               "pip install 'transferlab[serve]'") from None
+    try:
+        options = ServeSettings(**settings)
+    except TypeError as exc:
+        raise TransferlabError(f"serve: {exc}") from None
+    for name in ("max_upload_mb", "batch_size", "queue_size"):
+        if getattr(options, name) <= 0:
+            raise TransferlabError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be positive")
+    app = create_app(run_dir, options)
+    log.info("serving %s on http://%s:%d (OpenAPI docs at /docs)", run_dir, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_backbones, _add_experiment, _add_report):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_serve, _add_backbones, _add_experiment,
+                _add_report):
         p = add(sub)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -126,6 +127,22 @@ def _add_predict(sub) -> argparse.ArgumentParser:
                    "(ONNX Runtime for fp32 on a CPU from 64 images on); torch: always torch")
     p.add_argument("--format", default="json", choices=PREDICTION_FORMATS,
                    help="json: one object per line (default); csv: a table")
+    p.add_argument("--gradcam", metavar="OUT_DIR", help="also write each image's Grad-CAM heat map of its "
+                   "predicted class to OUT_DIR/<name>_gradcam.png")
+    return p
+
+
+def _add_serve(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="a web page and JSON API for a run (drop images, see classes and Grad-CAM)")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    p.add_argument("--batch-size", type=int, default=16, help="most images in one forward pass (default 16)")
+    p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most; more get 503 (64)")
+    p.add_argument("--no-explain", dest="explain", action="store_false", help="no Grad-CAM (no torch needed)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; default: none)")
     return p
 
 
@@ -239,11 +256,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     top_k = min(args.top_k, len(predictor.classes))
     if args.format == "csv":
         print(",".join(csv_header(top_k)), flush=True)
-    failed = 0
+    failed, kept = 0, []
     for row in rows:
         failed += "error" in row
         print(csv_line(row, top_k) if args.format == "csv" else json.dumps(row, ensure_ascii=False), flush=True)
+        if args.gradcam:
+            kept.append(row)
+    if args.gradcam:
+        from .api import explain_images
+
+        written = explain_images(args.run_dir, kept, args.gradcam)
+        log.info("Grad-CAM: %d heat map(s) in %s", len(written), args.gradcam)
     return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          batch_size=args.batch_size, queue_size=args.queue_size, explain=args.explain, cors_origins=args.cors)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -319,6 +351,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "serve": cmd_serve,
             "backbones": cmd_backbones,
             "experiment": cmd_experiment, "report": cmd_report}
 

@@ -7,6 +7,7 @@ releases the GIL while decoding), a bounded number ahead of the consumer.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import struct
@@ -125,8 +126,9 @@ def _open_image(fp, filename: str):
     raise ImageDecodeError("not an image Pillow can identify")
 
 
-def load_rgb(path: str | os.PathLike, min_side: int | None = None):
-    """Open an image file as an upright RGB PIL image, or raise :class:`ImageDecodeError`.
+def load_rgb(source: str | os.PathLike | bytes, min_side: int | None = None):
+    """Open an image (a file, or its bytes: an upload) as an upright RGB PIL image, or raise
+    :class:`ImageDecodeError`.
 
     EXIF orientation is applied; palette, grey, CMYK, alpha and 16-bit modes become 8-bit RGB
     (transparency composited on white); truncated files are errors, never grey-filled.
@@ -134,11 +136,27 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
     A declared size over ``MAX_IMAGE_PIXELS`` is refused before decoding, and Pillow's decompression-bomb
     warning is not triggered for it (see :func:`_open_image`).
     """
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _load_open(io.BytesIO(source), "upload", min_side)
+    path = Path(source)
+    try:
+        with open(path, "rb") as fp:
+            return _load_open(fp, str(path), min_side)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageDecodeError(f"file not found (dangling symlink to {os.readlink(path)})") from None
+        raise ImageDecodeError("file not found") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except OSError as exc:  # opening failed: "Too many levels of symbolic links", "Is a directory"
+        raise ImageDecodeError(f"cannot decode: {exc.strerror or exc}") from None
+
+
+def _load_open(fp, name: str, min_side: int | None):
     from PIL import Image, ImageOps
 
-    path = Path(path)
     try:
-        with open(path, "rb") as fp, _open_image(fp, str(path)) as im:
+        with _open_image(fp, name) as im:
             if min_side and im.format == "JPEG":
                 im.draft("RGB", (min_side, min_side))
             im.load()
@@ -146,12 +164,6 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
             return _to_rgb(im)
     except ImageDecodeError:
         raise
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ImageDecodeError(f"file not found (dangling symlink to {os.readlink(path)})") from None
-        raise ImageDecodeError("file not found") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # A check left in a plugin; the warning arrives here as an exception when filters say "error".
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
@@ -161,17 +173,18 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None):
         # (corrupt EXIF, ...) is only raised when the warning filters turn it into an error.
         text = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-            text = exc.strerror  # the path is known: "Too many levels of symbolic links", "Is a directory"
+            text = exc.strerror
         if "truncated" in text:
             text = "truncated image file"
         raise ImageDecodeError(f"cannot decode: {text}") from None
 
 
-def decode_array(path: str | os.PathLike, cfg: ResizeSpec) -> np.ndarray:
-    """Decode to a CHW uint8 array whose short side is ``cfg.resize_size`` (aspect kept, capped)."""
+def decode_array(source: str | os.PathLike | bytes, cfg: ResizeSpec) -> np.ndarray:
+    """Decode (a file or its bytes) to a CHW uint8 array whose short side is ``cfg.resize_size`` (aspect
+    kept, capped)."""
     from PIL import Image
 
-    im = load_rgb(path, min_side=cfg.resize_size)
+    im = load_rgb(source, min_side=cfg.resize_size)
     w, h = im.size
     scale = cfg.resize_size / min(w, h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))

@@ -73,6 +73,11 @@ class Backbone(nn.Module):
         self.weights = weights  # {"source": ..., "license": ...}
         self._pool_fn = pool_fn
         self.blocks: list[list[str]] = []  # filled by the builder, names relative to this module
+        # the module whose output (the last feature map before pooling) Grad-CAM explains; set by the builder
+        self.cam_layer: str = "post"
+
+    def cam_module(self) -> nn.Module:
+        return self.get_submodule(self.cam_layer)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         fn = getattr(self.model, "forward_features", None)
@@ -215,11 +220,23 @@ def _timm_blocks(model: nn.Module) -> list[list[str]]:
     return [[f"model.{n}" for n in names] for _, names in sorted(grouped.items())]
 
 
+def _timm_cam_layer(model: nn.Module) -> str:
+    """EfficientNet/MobileNet families: the head convolution's normalised, activated output (bn2); any other
+    timm model: its last feature stage."""
+    if hasattr(model, "bn2") and hasattr(model, "conv_head"):
+        return "model.bn2"
+    info = getattr(model, "feature_info", None)
+    if info:
+        return f"model.{info[-1]['module']}"
+    return f"model.{list(dict(model.named_children()))[-1]}"
+
+
 def _finish_timm(name: str, model: nn.Module, weights: dict) -> Backbone:
     preprocess = _timm_preprocess(model.pretrained_cfg)
     model.reset_classifier(0)
     backbone = Backbone(name, model, preprocess, weights, pool_fn=_timm_pool)
     backbone.blocks = _timm_blocks(model)
+    backbone.cam_layer = _timm_cam_layer(model)
     return backbone
 
 
@@ -335,6 +352,17 @@ def _tv_split(name: str, model: nn.Module) -> tuple[nn.Module, list[nn.Module], 
                            f"{', '.join(_TV_SUPPORTED)}; any timm model works as timm/NAME)")
 
 
+def _tv_cam_layer(features: nn.Module, post: nn.Module | None) -> str:
+    """The last module before pooling: a ReLU after the features (DenseNet), else the last child of the
+    feature extractor that is not a pooling layer (ResNet layer4, VGG's last ReLU, MobileNet/EfficientNet/
+    ConvNeXt's last stage)."""
+    if post is not None:
+        return "post"
+    pools = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    names = [name for name, child in features.named_children() if not isinstance(child, pools)]
+    return f"model.{names[-1]}"
+
+
 def _tv_preprocess(weights_enum) -> PreprocessConfig:
     t = weights_enum.transforms()
     return PreprocessConfig(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value,
@@ -378,4 +406,5 @@ def _torchvision_backbone(name: str, weights: str) -> Backbone:
     backbone = Backbone(name, features, _tv_preprocess(weights_enum), info, post=post)
     ids = {id(p): n for n, p in backbone.named_parameters()}
     backbone.blocks = [g for g in ([ids[id(p)] for p in b.parameters()] for b in blocks) if g]
+    backbone.cam_layer = _tv_cam_layer(features, post)
     return backbone
