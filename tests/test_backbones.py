@@ -289,3 +289,20 @@ def test_weights_file_that_is_not_a_weight_file(tmp_path):
     path.write_text("hello")
     with pytest.raises(TransferlabError, match="cannot read weights"):
         create_backbone("resnet18", weights=str(path))
+
+
+@pytest.mark.parametrize("name", ["timm/test_efficientnet", "timm/resnet10t", "resnet18", "vgg16", "mobilenet_v2",
+                                  "convnext_tiny", "densenet121"])
+def test_gradcam_layer_is_the_last_feature_map_before_pooling(name):
+    """Per family, the module Grad-CAM hooks produces the feature map that is pooled (same shape as
+    forward_features; VGG16: its last ReLU, ahead of the final max-pool)."""
+    torch.manual_seed(0)
+    backbone = create_backbone(name, "none").eval()
+    seen = []
+    handle = backbone.cam_module().register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.no_grad():
+        features = backbone.forward_features(torch.zeros(1, 3, 64, 64))
+    handle.remove()
+    assert seen, f"{name}: {backbone.cam_layer} did not run"
+    expected = features.shape if not name.startswith("vgg") else (1, 512, 4, 4)  # before the last 2x2 max-pool
+    assert tuple(seen[-1]) == tuple(expected), (name, backbone.cam_layer, seen[-1], features.shape)
