@@ -204,3 +204,15 @@ def test_serve_command_refuses_bad_settings_in_one_line(run_dir, capsys):
     assert capsys.readouterr().err.strip() == "transferlab: error: --batch-size 0: must be positive"
     assert main(["serve", str(run_dir.parent / "nowhere")]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_a_run_without_an_export_is_served_through_torch(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "model.onnx").unlink()
+    with TestClient(create_app(copy, ServeSettings(explain=False))) as client:
+        assert client.get("/info").json()["engine"] == "Run"
+        answer = client.post("/predict", files={"file": ("a.png", _png(), "image/png")})
+        assert answer.status_code == 200 and answer.json()[0]["label"] in ("blue", "red")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import prediction
@@ -78,6 +79,11 @@ class Run:
         logits = predict_logits(self.model, images, self.policy, InferenceOptions(self.engine, self.tta, batch_size),
                                 n_images=n_images)
         return torch.softmax(logits, dim=1) if len(logits) else logits
+    def predict_arrays(self, images: list) -> np.ndarray:
+        """Probabilities (n, classes) for decoded CHW uint8 numpy images: the interface of the torch-free
+        :class:`~transferlab.runtime.onnx_classifier.OnnxClassifier` too."""
+        return self.predict_tensors([torch.from_numpy(image) for image in images]).numpy()
+
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
                          batch_size: int = 32) -> Iterator[dict]:
         """One record per image file (see :mod:`transferlab.prediction`); the next batch decodes in

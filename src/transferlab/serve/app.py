@@ -73,11 +73,7 @@ class ServerState:
                                       wait_ms=settings.batch_wait_ms, queue_size=settings.queue_size)
 
     def _predict(self, images: list[np.ndarray]) -> np.ndarray:
-        if hasattr(self.predictor, "predict_arrays"):
-            return self.predictor.predict_arrays(images)
-        import torch
-
-        return self.predictor.predict_tensors([torch.from_numpy(image) for image in images]).numpy()
+        return self.predictor.predict_arrays(images)
 
     def _explain(self, image: np.ndarray, label: str | None) -> bytes:
         return self.explainer.explain(image, label).overlay_png()
