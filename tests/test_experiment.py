@@ -20,6 +20,7 @@ import transferlab
 import transferlab.experiment.runner
 from transferlab import TrainConfig, TransferlabError
 from transferlab.api import run_experiment
+from transferlab.audit.duplicates import NEAR_DUPLICATE_THRESHOLD
 from transferlab.cli import main
 from transferlab.experiment.grid import build_grid, data_fingerprint, run_hash
 from transferlab.experiment.results import collect, mcnemar
@@ -73,6 +74,13 @@ def test_grid_writes_every_file(grid):
         assert (exp / name).is_file(), name
     for name in ("comparison.png", "comparison_other.png", "class_distribution.png"):
         assert (exp / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("audit.json", "label_issues.csv", "audit.html", "learning_curve.png"):  # the data audit
+        assert (exp / "audit" / name).is_file(), name
+    audit = _json(exp / "audit" / "audit.json")
+    assert audit["label_issues"]["scored"] == 12 + 7 and audit["model"]["backbone"] == TINY_BACKBONE
+    assert audit["duplicates"]["n_exact"] == 1 and audit["duplicates"]["n_cross_split"] >= 1  # leaked.png
+    html = (exp / "report.html").read_text(encoding="utf-8")
+    assert 'id="audit"' in html and "audit/audit.html" in html
     runs = sorted((exp / "runs").iterdir())
     assert len(runs) == 4
     for run_dir in runs:
@@ -125,7 +133,7 @@ def test_results_markdown_and_references(grid):
 
 def test_leakage_check_finds_the_copied_image(grid):
     leakage = _json(grid["exp"] / "references.json")["leakage"]
-    assert leakage["threshold"] == 0.97
+    assert leakage["threshold"] == NEAR_DUPLICATE_THRESHOLD  # one measured threshold, the audit's
     assert leakage["n_test"] == 7 and leakage["n_train"] == 12
     assert leakage["n_test_images"] >= 1
     top = leakage["pairs"][0]

@@ -76,7 +76,9 @@ def test_report_opens_offline_with_every_image_and_run(experiment_dir):
     broken = [im for im in page["images"] if not (im["complete"] and im["width"] > 0)]
     assert not broken, f"images that did not load: {broken}"
     assert all(im["src"].startswith("data:image/") for im in page["images"])
-    assert page["external"] == [], f"the page refers to files or the network: {page['external']}"
+    # the one link allowed: the experiment's own audit page beside report.html
+    external = [ref for ref in page["external"] if ref != "audit/audit.html"]
+    assert external == [], f"the page refers to files or the network: {external}"
     errors = [e for e in page["console"] if e.get("level") in ("SEVERE", "ERROR")]
     assert not errors, f"console errors: {errors}"
 

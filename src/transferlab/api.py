@@ -14,7 +14,8 @@ import os
 from .config import TrainConfig
 from .errors import TransferlabError
 
-__all__ = ["train", "evaluate", "load_run", "load_predictor", "export", "explain_images", "serve", "run_experiment",
+__all__ = ["audit", "train", "evaluate", "load_run", "load_predictor", "export", "explain_images", "serve",
+           "run_experiment",
            "render_report"]
 
 log = logging.getLogger("transferlab")
@@ -103,6 +104,27 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+def audit(data_dir: str | os.PathLike, out: str | os.PathLike = "audit", *, folds: int = 5,
+          config: TrainConfig | None = None, render: bool = True, **options):
+    """Audit an image folder (:mod:`transferlab.audit`): label issues from k-fold heads on frozen features
+    ranked by cleanlab, exact and near duplicates, a learning curve ("how many more images"), data health.
+    Writes AUDIT_DIR/audit.json, label_issues.csv, the figures and (``render``) audit.html. ``options``:
+    :class:`TrainConfig` fields that choose the features (backbone, weights, image_size, precision, device,
+    engine, cache_dir, seed, test_dir, labels). Returns an :class:`~transferlab.audit.auditor.AuditResult`."""
+    from .audit.auditor import AuditResult, run_audit
+    from .io.auditdir import AuditDir
+    from .report.audit import render_audit
+
+    unknown = sorted(set(options) - set(TrainConfig.field_names()))
+    if unknown:
+        raise TransferlabError(f"audit: unknown option '{unknown[0]}'")
+    cfg = (config or TrainConfig()).replace(**options, data_dir=str(data_dir))
+    cfg.validate()
+    record = run_audit(cfg, out, folds=folds)
+    page = render_audit(out, record) if render else AuditDir(out).page
+    return AuditResult(AuditDir(out).path, record, page)
+
+
 def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
                    render: bool = True, **spec):
     """Train every combination of a grid, evaluate each run on the ``eval_on`` folders, compute the
@@ -120,7 +142,12 @@ def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.Path
     from .report.html import render_report as render
     from .report.write import write_results
 
-    result = run_grid(ExperimentSpec.create(data_dir, out, **spec))
+    experiment = ExperimentSpec.create(data_dir, out, **spec)
+    result = run_grid(experiment)
+    if experiment.audit:
+        from .report.audit import render_audit
+
+        render_audit(ExperimentDir(result.directory).audit)
     result.results = write_results(result.directory)
     result.report = render(result.directory, result.results) if render else ExperimentDir(result.directory).report
     return result

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_serve, _add_backbones, _add_experiment,
-                _add_report):
+                _add_report, _add_audit):
         p = add(sub)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -176,6 +176,8 @@ def _add_experiment(sub) -> argparse.ArgumentParser:
                    help="also evaluate every run on these folders (classes matched by name)")
     p.add_argument("--class-map", help="for --eval-on: JSON object (inline or file): dataset class -> model class")
     p.add_argument("--question", help="the study's question, shown at the top of the report")
+    p.add_argument("--no-audit", dest="audit", action="store_false", default=None,
+                   help="skip the data audit (EXP_DIR/audit/, a section of report.html)")
     _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed"))
     return p
 
@@ -183,6 +185,21 @@ def _add_experiment(sub) -> argparse.ArgumentParser:
 def _add_report(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render EXP_DIR/report.html (and results.*) from the results on disk")
     p.add_argument("exp_dir")
+    return p
+
+
+def _add_audit(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("audit", help="audit an image folder: mislabelled images, duplicates, how many more "
+                       "images, data health (audit.html)")
+    p.add_argument("data_dir", help="class-per-subfolder image tree (train/val/test layouts too)")
+    p.add_argument("--out", default="audit", help="audit folder to write (default: ./audit)")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold heads that score every image (5)")
+    for name, kwargs in (("--test-dir", {}), ("--labels", {"metavar": "FILE.csv"}),
+                         ("--backbone", {"help": "default: efficientnet_lite0"}), ("--weights", {}),
+                         ("--image-size", {"type": int}), ("--seed", {"type": int}),
+                         ("--precision", {"choices": PRECISIONS}), ("--device", {"choices": DEVICES}),
+                         ("--engine", {"choices": ENGINES}), ("--cache-dir", {})):
+        p.add_argument(name, default=argparse.SUPPRESS, **kwargs)
     return p
 
 
@@ -306,7 +323,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on", "class_map", "question")
+GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on", "class_map", "question", "audit")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -350,7 +367,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .api import audit
+    from .config import TrainConfig
+
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k != "data_dir"}
+    result = audit(args.data_dir, out=args.out, folds=args.folds, **options)
+    record = result.record
+    issues, dups, curve = record["label_issues"], record["duplicates"], record["learning_curve"]
+    print(f"label issues: {issues['flagged']} flagged of {issues['scored']} scored images "
+          f"(out-of-fold accuracy {issues.get('out_of_fold_accuracy', 0):.4f})")
+    print(f"duplicates: {dups['n_groups']} group(s) ({dups['n_exact']} exact, {dups['n_near']} near; "
+          f"{dups['n_conflicts']} with conflicting labels, {dups['n_cross_split']} across splits)")
+    if curve["fitted"]:
+        print(f"learning curve: accuracy {curve['accuracy_now']:.4f} at {curve['per_class_now']:.0f} images per class; "
+              f"expected {curve['at_2x']['accuracy']:.4f} at twice as many")
+    else:
+        print(f"learning curve: {curve['reason']}")
+    findings = [f"{c['count']} {c['check']}" for c in record["health"]["checks"] if c["finding"]]
+    print(f"health: {', '.join(findings) or 'no findings'}; {len(record['health']['unreadable'])} unreadable")
+    print(f"audit: {result.page} ({record['seconds']:.1f}s)")
+    return 0
+
+
+COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "export": cmd_export,
             "serve": cmd_serve,
             "backbones": cmd_backbones,
             "experiment": cmd_experiment, "report": cmd_report}

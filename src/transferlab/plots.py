@@ -179,5 +179,51 @@ def _draw_comparison(labels: list[str], values: dict[str, list[float | None]],
     return _png_bytes(fig)
 
 
+def learning_curve_png(points: list[dict], fit: dict | None, classes: list[str], target: str | os.PathLike) -> None:
+    """Accuracy (left, with the fitted curve and its 95% band) and per-class recall (right) against training
+    images per class. ``points``: per_class, accuracy, recall (one per class); ``fit``: per_class, accuracy,
+    low, high (lists), or None."""
+    _write_figure("learning_curve", target, points=points, fit=fit, classes=classes)
+
+
+def _draw_learning_curve(points: list[dict], fit: dict | None, classes: list[str]) -> bytes:
+    import matplotlib
+
+    fig = _figure((11, 4.2))
+    left, right = fig.subplots(1, 2)
+    n = np.array([p["per_class"] for p in points], dtype=float)
+    left.scatter(n, [p["accuracy"] for p in points], color="black", s=14, label="measured", zorder=3)
+    if fit:
+        left.plot(fit["per_class"], fit["accuracy"], color="tab:blue", label="fitted power law")
+        left.fill_between(fit["per_class"], fit["low"], fit["high"], color="tab:blue", alpha=0.2,
+                          label="95% interval of a measurement")
+        left.axvline(max(n), color="grey", linestyle="--", linewidth=1)
+    left.set_xscale("log")
+    left.set_xlabel("training images per class")
+    left.set_ylabel("accuracy (held-out split)")
+    left.set_title("Learning curve (frozen features)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    sizes = sorted(set(n.tolist()))
+    colors = matplotlib.colormaps["tab20"].colors
+    for c, name in enumerate(classes):
+        means = []
+        for size in sizes:
+            values = [p["recall"][c] for p in points if p["per_class"] == size and p["recall"][c] is not None]
+            means.append(np.mean(values) if values else np.nan)
+        right.plot(sizes, means, marker="o", markersize=3, color=colors[c % 20],
+                   label=name if len(classes) <= 20 else None)
+    right.set_xscale("log")
+    right.set_xlabel("training images per class")
+    right.set_ylabel("recall (mean over repeats)")
+    right.set_title("Per-class recall")
+    right.grid(alpha=0.3)
+    if len(classes) <= 20:
+        right.legend(fontsize=7, ncol=2 if len(classes) > 8 else 1)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
 _DRAW = {"confusion_matrix": _draw_confusion_matrix, "class_distribution": _draw_class_distribution,
-         "training_curves": _draw_training_curves, "comparison": _draw_comparison}
+         "training_curves": _draw_training_curves, "comparison": _draw_comparison,
+         "learning_curve": _draw_learning_curve}

@@ -233,3 +233,24 @@ def stream(paths: Sequence[str | os.PathLike], decode: Callable, workers: int | 
                 future.cancel()
 
 
+
+
+# EXIF orientations that turn the image by 90 degrees (width and height swap when applied).
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def probe(source: str | os.PathLike, side: int = 64) -> tuple[tuple[int, int], np.ndarray]:
+    """The upright size of an image file and a small HWC uint8 RGB copy (long side at most ``side``), for
+    data-health checks; raises :class:`ImageDecodeError` like :func:`load_rgb`."""
+    from PIL import Image
+
+    image = load_rgb(source, min_side=side)
+    try:
+        with open(source, "rb") as fp, _open_image(fp, str(source)) as header:
+            width, height = header.size
+            if header.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+    except (OSError, ImageDecodeError, SyntaxError, ValueError):
+        width, height = image.size
+    image.thumbnail((side, side), Image.Resampling.BILINEAR)
+    return (width, height), np.asarray(image, dtype=np.uint8)

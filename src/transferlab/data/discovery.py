@@ -86,8 +86,10 @@ def _walk_images(folder: Path, ignored: list[str]) -> list[Path]:
     return found
 
 
-def read_class_folders(folder: Path, what: str = "DATA_DIR", ignored: list[str] | None = None) -> list[Sample]:
-    """``folder/<class>/**/<image>`` -> samples. Errors: missing folder, no class, class without images."""
+def read_class_folders(folder: Path, what: str = "DATA_DIR", ignored: list[str] | None = None,
+                       empty: list[str] | None = None) -> list[Sample]:
+    """``folder/<class>/**/<image>`` -> samples. Errors: missing folder, no class, class without images
+    (unless ``empty`` is a list: such classes are recorded there, as their folder, and left out)."""
     ignored = [] if ignored is None else ignored
     _require_dir(folder, what)
     class_dirs = _visible_subdirs(folder, ignored)
@@ -96,6 +98,9 @@ def read_class_folders(folder: Path, what: str = "DATA_DIR", ignored: list[str] 
     samples = []
     for class_dir in class_dirs:
         images = _walk_images(class_dir, ignored)
+        if not images and empty is not None:
+            empty.append(str(class_dir))
+            continue
         if not images:
             raise TransferlabError(f"{what} {folder}: class '{class_dir.name}' has no images in {class_dir}")
         samples += [Sample(p, class_dir.name) for p in images]
@@ -123,7 +128,7 @@ def read_labels_csv(csv_path: Path, root: Path) -> list[Sample]:
 
 
 def discover(data_dir: str | os.PathLike, test_dir: str | os.PathLike | None = None,
-             labels_csv: str | os.PathLike | None = None) -> Splits:
+             labels_csv: str | os.PathLike | None = None, empty: list[str] | None = None) -> Splits:
     """Find the classes and the splits a data folder ships with.
 
     Layouts: ``<class>/*``; ``train/<class>/*`` with ``test/`` (or ``val``/``validation`` standing for
@@ -140,21 +145,21 @@ def discover(data_dir: str | os.PathLike, test_dir: str | os.PathLike | None = N
     else:
         names = {p.name.lower(): p for p in _visible_subdirs(data_dir)}
         if "train" in names:
-            train = read_class_folders(names["train"], "DATA_DIR/train", ignored)
+            train = read_class_folders(names["train"], "DATA_DIR/train", ignored, empty)
             present = [n for n in TEST_FOLDER_NAMES if n in names]
             if "test" in names:
-                test = read_class_folders(names["test"], "DATA_DIR/test", ignored)
+                test = read_class_folders(names["test"], "DATA_DIR/test", ignored, empty)
                 val_name = next((n for n in present if n != "test"), None)
                 if val_name:
-                    val = read_class_folders(names[val_name], f"DATA_DIR/{val_name}", ignored)
+                    val = read_class_folders(names[val_name], f"DATA_DIR/{val_name}", ignored, empty)
             elif present:
-                test = read_class_folders(names[present[0]], f"DATA_DIR/{present[0]}", ignored)
+                test = read_class_folders(names[present[0]], f"DATA_DIR/{present[0]}", ignored, empty)
             layout = "train/" + "".join(f", {s}/" for s, v in (("val", val), ("test", test)) if v)
         else:
-            train = read_class_folders(data_dir, "DATA_DIR", ignored)
+            train = read_class_folders(data_dir, "DATA_DIR", ignored, empty)
             layout = "class folders"
     if test_dir is not None:
-        test = read_class_folders(Path(test_dir), "--test-dir", ignored)
+        test = read_class_folders(Path(test_dir), "--test-dir", ignored, empty)
         layout += f", --test-dir {test_dir}"
     classes = sorted({s.label for s in train})
     if len(classes) < 2:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..audit.duplicates import NEAR_DUPLICATE_THRESHOLD
 from ..config import TrainConfig
 from ..data.discovery import Sample, discover, discover_evaluation
 from ..features import FeatureCache, FeatureExtractor, cache_root
@@ -37,10 +38,8 @@ from .results import METRICS
 log = logging.getLogger("transferlab")
 
 # Cosine similarity of frozen (pooled) backbone features above which a test and a train image count as
-# near-duplicates. Measured with efficientnet_lite0 on hymenoptera: a JPEG re-encoding of a photo scores
-# 0.99-1.0, a copy resized to 80% 0.96-0.99 (median 0.987); a horizontal flip about 0.96, half size or a 10% crop
-# 0.91-0.94 (not caught); two distinct photos at most 0.81 (the median nearest train image of a test image: 0.65).
-LEAKAGE_THRESHOLD = 0.97
+# near-duplicates: the audit's measured threshold (transferlab.audit.duplicates).
+LEAKAGE_THRESHOLD = NEAR_DUPLICATE_THRESHOLD
 
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..audit.auditor import run_audit
 from ..data.discovery import discover, discover_evaluation
 from ..evaluation import evaluate, labelled_for_model
 from ..io.expdir import ExperimentDir
@@ -69,6 +70,9 @@ def run_grid(spec: ExperimentSpec) -> ExperimentResult:
     log.info("experiment: %d trained, %d skipped (finished earlier) in %.1fs", trained, skipped,
              time.perf_counter() - started)
     compute_references(exp.path)
+    if spec.audit:
+        # the grid's first backbone, like the reference rows: its features are in the cache already
+        run_audit(plan.base.replace(backbone=plan.grid["backbones"][0]), exp.audit)
     return ExperimentResult(exp.path, trained, skipped)
 
 

@@ -39,6 +39,7 @@ class ExperimentSpec:
     config: TrainConfig | None = None
     options: dict | None = None
     study_file: str | None = None
+    audit: bool = True  # also audit the data (EXP_DIR/audit/, a section of report.html)
 
     @classmethod
     def create(cls, data_dir=None, out=None, **given) -> ExperimentSpec:

@@ -6,6 +6,7 @@
     EXP_DIR/references.json          majority-class baseline, logistic-regression probe, leakage check
     EXP_DIR/results.csv, results.md, comparison.png (comparison_<dataset>.png per --eval-on folder),
     EXP_DIR/class_distribution.png, report.html
+    EXP_DIR/audit/                   the data audit of the experiment's data (an AuditDir)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_MARKDOWN = "results.md"
 CLASS_DISTRIBUTION_FIGURE = "class_distribution.png"
 REPORT_FILE = "report.html"
+AUDIT_DIR = "audit"
 TEST = "test"  # the dataset name of every run's own test split
 
 
@@ -39,6 +41,7 @@ class ExperimentDir:
         self.results_markdown = self.path / RESULTS_MARKDOWN
         self.class_distribution = self.path / CLASS_DISTRIBUTION_FIGURE
         self.report = self.path / REPORT_FILE
+        self.audit = self.path / AUDIT_DIR
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.runs / name)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..data.decode import ImageDecodeError, load_rgb
+from ..io.auditdir import AuditDir
 from ..io.expdir import TEST, ExperimentDir
 from ..io.files import write_text
 from ..io.rundir import RunDir
@@ -23,7 +24,7 @@ TOP_LOSSES = 12
 THUMBNAIL = 160
 
 
-def _data_uri(path: Path, mime: str = "image/png") -> str | None:
+def data_uri(path: Path, mime: str = "image/png") -> str | None:
     try:
         return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError:
@@ -83,16 +84,16 @@ def _per_run(results: dict) -> list[dict]:
         run_dir = RunDir(r["dir"])
         evals = []
         for d in results["datasets"][1:]:
-            uri = _data_uri(run_dir.evaluation(d).confusion_matrix)
+            uri = data_uri(run_dir.evaluation(d).confusion_matrix)
             if uri:
                 evals.append({"name": d, "uri": uri})
-        out.append({"run": r, "confusion": _data_uri(run_dir.confusion_matrix),
-                    "curves": _data_uri(run_dir.training_curves), "evals": evals})
+        out.append({"run": r, "confusion": data_uri(run_dir.confusion_matrix),
+                    "curves": data_uri(run_dir.training_curves), "evals": evals})
     return out
 
 
 def _context(exp: ExperimentDir, results: dict) -> dict:
-    figures = {d: _data_uri(exp.path / name) for d, name in results["figures"].items()}
+    figures = {d: data_uri(exp.path / name) for d, name in results["figures"].items()}
     finished = [r for r in results["runs"] if r["finished"]]
     first = finished[0] if finished else None
     data_report = first["data_report"] if first else {}
@@ -107,7 +108,7 @@ def _context(exp: ExperimentDir, results: dict) -> dict:
                     "dataset": d} for d in results["datasets"]],
         "runs_table": runs_table(results) if len(results["seeds"]) > 1 else None,
         "cross": cross_table(results), "per_run": _per_run(results),
-        "class_distribution": _data_uri(exp.class_distribution),
+        "class_distribution": data_uri(exp.class_distribution),
         "counts": data_report.get("counts", {}),
         "classes": data_report.get("classes") or (first or {}).get("classes") or [],
         "layout": data_report.get("layout"), "skipped": _skipped(results),
@@ -119,23 +120,39 @@ def _context(exp: ExperimentDir, results: dict) -> dict:
         "references": references, "env": results["meta"].get("environment", {}), "policies": policies,
         "pending": [r["name"] for r in results["runs"] if not r["finished"]],
         "config_json": json.dumps(finished[0]["config"], indent=2) if finished else "",
+        "audit": _audit_section(exp),
     }
+
+
+def _audit_section(exp: ExperimentDir) -> dict | None:
+    """The experiment's data audit, when it ran: its record and the learning curve figure."""
+    directory = AuditDir(exp.audit)
+    if not directory.audit.is_file():
+        return None
+    record = directory.read_audit()
+    return {"record": record, "curve_figure": data_uri(directory.learning_curve),
+            "page": f"{exp.audit.name}/{directory.page.name}"}
+
+
+def environment():
+    """The Jinja environment of the package's page templates (autoescaped; undefined names are errors)."""
+    import jinja2
+
+    loader = jinja2.PackageLoader("transferlab.report", "templates")
+    env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"
+    return env
 
 
 def render_report(exp_dir: str | os.PathLike, results: dict | None = None) -> Path:
     """Render EXP_DIR/report.html from the files on disk (re-writing results.* and the charts first when
     ``results`` is not given)."""
-    import jinja2
-
     exp = ExperimentDir(exp_dir)
     if results is None:
         results = write_results(exp.path)
     results.setdefault("figures", {})
-    loader = jinja2.PackageLoader("transferlab.report", "templates")
-    environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html", "j2"]),
-                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    environment.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"
-    html = environment.get_template("report.html.j2").render(**_context(exp, results))
+    html = environment().get_template("report.html.j2").render(**_context(exp, results))
     write_text(exp.report, html)
     log.info("report: %s", exp.report)
     return exp.report
