@@ -34,7 +34,9 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     """Train a classifier on an image folder and write a run directory.
 
     ``options`` are :class:`TrainConfig` fields (``strategy="freeze"``, ``head="512x128"``, ...) and
-    override ``config``. ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects for every
+    override ``config``. ``strategy="auto"`` searches strategies, backbones, resolutions and heads (see
+    :mod:`transferlab.auto.search`); the backbone, image size or head given here fix that axis of the search.
+    ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects for every
     training stage (a tracker, gradient clipping). ``export``: also write RUN_DIR/model.onnx, which
     ``predict`` runs without torch. Returns the trained :class:`~transferlab.run.Run`.
     """
@@ -46,6 +48,13 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     cfg = (config or TrainConfig()).replace(**options)
+    if cfg.strategy == "auto":
+        from .auto.search import AutoSearch
+
+        defaults = TrainConfig()
+        given = set(options) | {name for name in TrainConfig.field_names()
+                                if config is not None and getattr(config, name) != getattr(defaults, name)}
+        return AutoSearch(cfg, out, given=given, callbacks=callbacks, export=export).run()
     return Trainer(cfg, out, resume=resume, callbacks=callbacks, export=export).run()
 
 

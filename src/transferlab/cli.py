@@ -10,6 +10,7 @@ import sys
 
 from . import __version__
 from .options import (
+    AUGMENT_POLICIES,
     BN_MODES,
     CLASS_WEIGHTS,
     DEVICES,
@@ -21,9 +22,41 @@ from .options import (
     QUANTIZATIONS,
     SAMPLERS,
     STRATEGIES,
+    TRAIN_STRATEGIES,
+    parse_duration,
 )
 
 log = logging.getLogger("transferlab")
+
+
+def _duration(text: str) -> float:
+    from .errors import TransferlabError
+
+    try:
+        return parse_duration(text)
+    except TransferlabError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _add_recipe_options(add) -> None:
+    """The fine-tuning recipe's options, each off by default (``add``: _add_train_options's adder)."""
+    S = argparse.SUPPRESS
+    add("--layer-decay", type=float, default=S, metavar="FACTOR",
+        help="fine-tuning: the backbone's last block at lr x --backbone-lr-mult, each earlier block (and the stem) "
+             "at FACTOR x the one after it, e.g. 0.75 (default 1: off)")
+    add("--mixup", type=float, default=S, metavar="ALPHA",
+        help="fine-tuning: Mixup with this Beta alpha, e.g. 0.2; soft targets carry the label smoothing "
+             "(default 0: off)")
+    add("--cutmix", type=float, default=S, metavar="ALPHA",
+        help="fine-tuning: CutMix with this alpha, e.g. 1.0; with --mixup each batch uses one of them (default 0: off)")
+    add("--ema", type=float, default=S, metavar="DECAY",
+        help="fine-tuning: validate, keep and save a moving average of the weights with this decay (timm "
+             "ModelEmaV3 with warm-up), e.g. 0.999 (default 0: off)")
+    add("--augment-policy", default=S, choices=AUGMENT_POLICIES,
+        help="fine-tuning augmentation after crop + flip: basic (default: nothing more), trivial "
+             "(TrivialAugmentWide), randaugment (RandAugment)")
+    add("--crop-scale", type=float, default=S, metavar="MIN",
+        help="smallest area fraction of the random resized crop (0.35)")
 
 
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -40,7 +73,9 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         "(vgg16, resnet50, ...) or timm/NAME")
     add("--weights", default=S, help="'default' (the backbone's pretrained weights), 'none' (random init) "
         "or a .pth/.safetensors file")
-    add("--strategy", default=S, choices=STRATEGIES, help="default: unfreeze")
+    add("--strategy", default=S, choices=TRAIN_STRATEGIES,
+        help="default: unfreeze; auto: rank frozen backbones x resolutions x heads by cross-validation, fine-tune "
+             "the best, keep whichever wins on the validation split")
     add("--unfreeze-last", type=int, default=S, metavar="N", help="blocks trained by --strategy partial (2)")
     add("--bn", default=S, choices=BN_MODES, help="BatchNorm of the backbone (default: frozen)")
     add("--head", default=S, help="hidden layer sizes: 256 (default), 512x128, 0 = linear")
@@ -63,11 +98,14 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         help="test-time augmentation: average 4 views (centre, flip, whole image, its flip); "
              "evaluate and predict inherit it (default: off)")
     add("--no-augment", dest="augment", action="store_false", default=S,
-        help="no random resized crop + flip while fine-tuning")
+        help="no random resized crop + flip (nor --augment-policy) while fine-tuning")
+    _add_recipe_options(add)
     add("--test-size", type=float, default=S, help="test fraction when DATA_DIR has no test folder (0.2)")
     add("--val-size", type=float, default=S,
         help="validation fraction carved from train for model selection (0: fixed schedule, keep last epoch)")
     add("--patience", type=int, default=S, help="early stopping after N epochs without validation gain")
+    add("--time-limit", type=_duration, default=S, metavar="DURATION",
+        help="e.g. 10m: stop cleanly with the best so far (auto: the whole search fits it)")
     add("--seed", type=int, default=S, help="default: 0")
     add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
     add("--precision", default=S, choices=PRECISIONS, help="default: auto")
@@ -178,7 +216,10 @@ def _add_experiment(sub) -> argparse.ArgumentParser:
     p.add_argument("--question", help="the study's question, shown at the top of the report")
     p.add_argument("--no-audit", dest="audit", action="store_false", default=None,
                    help="skip the data audit (EXP_DIR/audit/, a section of report.html)")
-    _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed"))
+    p.add_argument("--time-limit", type=_duration, metavar="DURATION",
+                   help="e.g. 1h: no run starts that would not end in time, a running one stops cleanly; the rest "
+                        "are trained when the same command runs again")
+    _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed", "--time-limit"))
     return p
 
 
@@ -237,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .errors import TransferlabError
     from .io.files import read_json
-    from .io.rundir import RUN_FILES
+    from .io.rundir import RUN_FILES, RunDir
 
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k != "data_dir"}
     config = None
@@ -249,6 +290,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif not args.data_dir:
         raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
     run = train(args.data_dir, out=args.out, config=config, resume=args.resume, **options)
+    auto = RunDir(run.directory).auto
+    if auto.is_file():
+        record = read_json(auto)
+        print(f"auto chose {record['chosen']}: {record['reason']} (every candidate: {auto.with_suffix('.md')})")
     print(_summary(run.metrics))
     print(f"run directory: {run.directory}  ({', '.join(RUN_FILES)})")
     return 0
@@ -323,7 +368,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on", "class_map", "question", "audit")
+GRID_ARGS = ("strategies", "optimizers", "heads", "backbones", "seeds", "eval_on", "class_map", "question", "audit",
+             "time_limit")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -354,7 +400,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         m = best["datasets"][TEST]
         print(f"selected by {result.results['selection_by']}: {best['label']} ({best['name']}): "
               f"test {_summary(m)}")
-    print(f"{result.trained} run(s) trained, {result.skipped} skipped (finished earlier)")
+    print(f"{result.trained} run(s) trained, {result.skipped} skipped (finished earlier)"
+          + (f", {result.not_started} not started (time limit)" if result.not_started else ""))
     exp = ExperimentDir(result.directory)
     print(f"results: {exp.results_csv}, {exp.results_markdown.name}; report: {result.report}")
     return 0

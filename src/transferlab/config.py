@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .data.heldout import default_val_size
 from .errors import TransferlabError
 from .options import (
+    AUGMENT_POLICIES,
     BN_MODES,
     CLASS_WEIGHTS,
     DEFAULT_BACKBONE,
@@ -26,7 +28,8 @@ from .options import (
     POOL_MODES,
     PRECISIONS,
     SAMPLERS,
-    STRATEGIES,
+    TRAIN_STRATEGIES,
+    AugmentPolicy,
     BatchNormMode,
     ClassWeights,
     Device,
@@ -35,7 +38,7 @@ from .options import (
     Pool,
     Precision,
     Sampler,
-    Strategy,
+    TrainStrategy,
     check_choice,
     parse_head_spec,
 )
@@ -68,7 +71,7 @@ class TrainConfig:
     labels: str | None = None
     backbone: str = DEFAULT_BACKBONE
     weights: str = "default"
-    strategy: Strategy = "unfreeze"
+    strategy: TrainStrategy = "unfreeze"  # or "auto": transferlab.auto searches strategies, backbones, sizes
     unfreeze_last: int = 2
     bn: BatchNormMode = "frozen"
     head: str = "256"
@@ -78,19 +81,26 @@ class TrainConfig:
     optimizer: Optimizer = "adamw"
     lr: float | None = None
     backbone_lr_mult: float = 0.1
+    layer_decay: float = 1.0  # fine-tuning: each earlier backbone block at this x the next one's lr (1: off)
     weight_decay: float | None = None
     epochs: int | None = None
     head_epochs: int = 5
     warmup_epochs: float = 1.0
     batch_size: int = 32
     label_smoothing: float = 0.1
+    mixup: float = 0.0  # fine-tuning: Mixup alpha (timm.data.Mixup; 0: off)
+    cutmix: float = 0.0  # fine-tuning: CutMix alpha (0: off)
+    ema: float = 0.0  # fine-tuning: decay of the moving average of the weights that is kept (0: off)
     class_weights: ClassWeights = "none"
     sampler: Sampler = "shuffle"  # balanced: each epoch draws classes equally often (with replacement)
     tta: bool = False  # test-time augmentation for the test split; evaluate/predict inherit it
     augment: bool = True
+    augment_policy: AugmentPolicy = "basic"  # after crop + flip: trivial (TrivialAugmentWide), randaugment
+    crop_scale: float = 0.35  # smallest area fraction of the random resized crop
     test_size: float = 0.2
-    val_size: float = 0.0
+    val_size: float | None = None  # None: data.heldout.default_val_size (0.15 for auto, else 0)
     patience: int | None = None
+    time_limit: float | None = None  # seconds for the whole run (auto: the search and the final training)
     seed: int = 0
     strict: bool = False
     precision: Precision = "auto"
@@ -143,20 +153,23 @@ class TrainConfig:
             weight_decay=self.weight_decay if self.weight_decay is not None
             else DEFAULT_WEIGHT_DECAY[self.optimizer],
             epochs=self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.strategy],
+            val_size=self.val_size if self.val_size is not None else default_val_size(self.strategy),
         )
 
 
 # Declarative constraints, checked by TrainConfig.validate (option name = field name with "-" for "_").
 CHOICES: dict[str, tuple[str, ...]] = {
-    "strategy": STRATEGIES, "bn": BN_MODES, "pool": POOL_MODES, "optimizer": OPTIMIZERS,
+    "strategy": TRAIN_STRATEGIES, "bn": BN_MODES, "pool": POOL_MODES, "optimizer": OPTIMIZERS,
     "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "precision": PRECISIONS, "device": DEVICES,
-    "engine": ENGINES,
+    "engine": ENGINES, "augment_policy": AUGMENT_POLICIES,
 }
 RANGES: dict[str, Range] = {
     "dropout": Range(0.0, 1.0, high_open=True), "label_smoothing": Range(0.0, 1.0, high_open=True),
     "test_size": Range(0.0, 1.0, low_open=True, high_open=True), "val_size": Range(0.0, 1.0, high_open=True),
     "backbone_lr_mult": Range(0.0), "warmup_epochs": Range(0.0), "batch_size": Range(1), "head_epochs": Range(0),
     "unfreeze_last": Range(1), "lr": Range(0.0, low_open=True), "weight_decay": Range(0.0),
+    "layer_decay": Range(0.0, 1.0, low_open=True), "ema": Range(0.0, 1.0, high_open=True), "mixup": Range(0.0),
+    "cutmix": Range(0.0), "crop_scale": Range(0.0, 1.0, low_open=True),
     "epochs": Range(0),  # the lower bound depends on the strategy (MIN_EPOCHS); validate() fills it in
-    "image_size": Range(32, 1024), "patience": Range(1),
+    "image_size": Range(32, 1024), "patience": Range(1), "time_limit": Range(0.0, low_open=True),
 }

@@ -20,6 +20,7 @@ from ..evaluation import evaluate, labelled_for_model
 from ..io.expdir import ExperimentDir
 from ..io.files import check_writable_dir, write_json
 from ..io.rundir import RunDir
+from ..options import parse_duration
 from ..progress import bars_enabled, progress_bar
 from ..provenance import environment
 from ..run import Run
@@ -37,6 +38,7 @@ class ExperimentResult:
     directory: Path
     trained: int
     skipped: int
+    not_started: int = 0  # runs left for the next call by the time limit
     results: dict | None = None  # what the report module collected and wrote (transferlab.report.write)
     report: Path | None = None
 
@@ -58,22 +60,48 @@ def run_grid(spec: ExperimentSpec) -> ExperimentResult:
     n = len(plan.runs)
     log.info("experiment: %d run(s) in %s", n, exp.runs)
     trained = skipped = 0
-    started = time.perf_counter()
+    clock = _Clock(parse_duration(spec.time_limit) if spec.time_limit is not None else None)
     with _redirect_logging(bars_enabled()):
         bar = progress_bar(plan.runs, total=n, desc="runs", leave=True)
         for k, run_spec in enumerate(bar, 1):
             if hasattr(bar, "set_description"):
                 bar.set_description(f"run {k}/{n}")
-            trained_now = _train_once(exp, run_spec, f"run {k}/{n}")
+            if not exp.run(run_spec.name).is_finished() and not clock.allows_another():
+                log.info("run %d/%d %s: not started (time limit; the same command trains it later)", k, n,
+                         run_spec.name)
+                continue
+            run_started = time.perf_counter()
+            trained_now = _train_once(exp, run_spec, f"run {k}/{n}", clock.deadline)
             trained, skipped = trained + trained_now, skipped + (not trained_now)
             _evaluate_run(exp.run(run_spec.name), plan, trained_now)
-    log.info("experiment: %d trained, %d skipped (finished earlier) in %.1fs", trained, skipped,
-             time.perf_counter() - started)
+            if trained_now:
+                clock.ran(time.perf_counter() - run_started)
+    not_started = n - trained - skipped
+    log.info("experiment: %d trained, %d skipped (finished earlier), %d not started in %.1fs", trained, skipped,
+             not_started, time.perf_counter() - clock.started)
     compute_references(exp.path)
     if spec.audit:
         # the grid's first backbone, like the reference rows: its features are in the cache already
         run_audit(plan.base.replace(backbone=plan.grid["backbones"][0]), exp.audit)
-    return ExperimentResult(exp.path, trained, skipped)
+    return ExperimentResult(exp.path, trained, skipped, not_started)
+
+
+class _Clock:
+    """The experiment's time limit: a run starts only if the mean time of the runs trained so far fits."""
+
+    def __init__(self, seconds: float | None):
+        self.started = time.perf_counter()
+        self.deadline = None if seconds is None else self.started + seconds
+        self.seconds: list[float] = []
+
+    def allows_another(self) -> bool:
+        if self.deadline is None:
+            return True
+        expected = sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
+        return time.perf_counter() + expected <= self.deadline
+
+    def ran(self, seconds: float) -> None:
+        self.seconds.append(seconds)
 
 
 def _experiment_record(plan: ExperimentPlan) -> dict:
@@ -95,7 +123,7 @@ def _experiment_record(plan: ExperimentPlan) -> dict:
     }
 
 
-def _train_once(exp: ExperimentDir, run_spec: RunSpec, where: str) -> bool:
+def _train_once(exp: ExperimentDir, run_spec: RunSpec, where: str, deadline: float | None = None) -> bool:
     """Train the run unless its directory is complete; returns whether it trained."""
     run_dir = exp.run(run_spec.name)
     if run_dir.is_finished():
@@ -103,7 +131,7 @@ def _train_once(exp: ExperimentDir, run_spec: RunSpec, where: str) -> bool:
         return False
     log.info("%s %s: training (%s)", where, run_spec.name, run_spec.label)
     t0 = time.perf_counter()
-    run = Trainer(run_spec.config, run_dir.path, shared_dir=exp.shared).run()
+    run = Trainer(run_spec.config, run_dir.path, shared_dir=exp.shared, deadline=deadline).run()
     log.info("%s %s: test accuracy %.4f (%.1fs)", where, run_spec.name, run.metrics["accuracy"],
              time.perf_counter() - t0)
     return True

@@ -12,6 +12,7 @@ from ..config import TrainConfig
 from ..errors import TransferlabError
 from ..evaluation import load_class_map
 from ..io.expdir import TEST
+from ..options import parse_duration
 from .grid import AXIS_FIELD, GRID_AXES, RunSpec, _slug, build_grid, parse_list
 
 
@@ -40,6 +41,7 @@ class ExperimentSpec:
     options: dict | None = None
     study_file: str | None = None
     audit: bool = True  # also audit the data (EXP_DIR/audit/, a section of report.html)
+    time_limit: float | str | None = None  # seconds or "1h": no run starts that would not end in time
 
     @classmethod
     def create(cls, data_dir=None, out=None, **given) -> ExperimentSpec:
@@ -66,6 +68,8 @@ class ExperimentSpec:
             raise TransferlabError("experiment: DATA_DIR (or a study .toml naming data_dir) is required")
         if self.out is None:
             raise TransferlabError("experiment: --out EXP_DIR is required")
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
         base = (self.config or TrainConfig()).replace(**options, data_dir=str(self.data_dir))
         if self.epochs is not None:
             base = base.replace(epochs=int(self.epochs))

@@ -9,7 +9,7 @@ from ..config import TrainConfig
 from ..errors import TransferlabError
 
 STUDY_KEYS = {"data_dir", "out", "question", "strategies", "optimizers", "heads", "backbones", "seeds", "eval_on",
-              "epochs", "class_map", "train", "audit"}
+              "epochs", "class_map", "train", "audit", "time_limit"}
 
 PATH_OPTIONS = ("test_dir", "labels", "cache_dir", "weights")
 

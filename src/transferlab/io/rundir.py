@@ -11,6 +11,9 @@ RUN_DIR/model.onnx          the exported model (fp32; model.int8.onnx quantized)
                             exported from which weights, int8 agreement and speed
 RUN_DIR/evaluations/<name>/ metrics.json, data_report.json, figures and a fingerprint of an ``evaluate``
 RUN_DIR/checkpoint/         state.json + state-<stage>-<epoch>.safetensors while training runs
+RUN_DIR/auto.json, auto.md  ``--strategy auto``: every candidate's cross-validation score and cost, the
+                            finalists' validation scores, the choice and why; RUN_DIR/auto/<name>/ the
+                            finalists that were not chosen (complete run directories)
 
 A frozen-backbone run of an experiment splits its weights: backbone.safetensors (a hard link to a
 content-addressed file shared by the experiment's runs) and model.safetensors (the head); config.json's
@@ -57,6 +60,9 @@ ONNX_INT8_FILE = "model.int8.onnx"
 EXPORT_FILE = "export.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"
+AUTO_FILE = "auto.json"
+AUTO_MARKDOWN_FILE = "auto.md"
+AUTO_DIR = "auto"
 HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 RUN_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, CONFUSION_MATRIX_FIGURE,
              CLASS_DISTRIBUTION_FIGURE, TRAINING_CURVES_FIGURE, DATA_REPORT_FILE)
@@ -213,6 +219,9 @@ class RunDir:
         self.export = self.path / EXPORT_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_DIR
         self.checkpoint_state = self.checkpoint_dir / CHECKPOINT_STATE_FILE
+        self.auto = self.path / AUTO_FILE
+        self.auto_markdown = self.path / AUTO_MARKDOWN_FILE
+        self.auto_dir = self.path / AUTO_DIR
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -222,6 +231,14 @@ class RunDir:
 
     def checkpoint_tensors(self, stage: str, epoch: int) -> Path:
         return self.checkpoint_dir / f"state-{stage}-{epoch}.safetensors"
+
+    def run_files(self) -> list[Path]:
+        """The files that make up the run itself (not its evaluations, checkpoint or auto search), config.json
+        last: moving them in this order moves a complete run."""
+        files = [self.model, self.backbone, self.test_predictions, self.history, self.metrics, self.data_report,
+                 self.confusion_matrix, self.class_distribution, self.training_curves, self.onnx, self.onnx_int8,
+                 self.export, self.config]
+        return files
 
     def is_finished(self) -> bool:
         """config.json is written last, so with metrics.json beside it the run is complete."""

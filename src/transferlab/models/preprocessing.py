@@ -6,7 +6,7 @@ pretrained weights expect.
 
 Images are decoded once (see :mod:`transferlab.data.decode`) to uint8 tensors whose short side is
 ``resize_size``; the transforms here take it from there: centre crop for evaluation, random resized
-crop + flip for training, then scaling and normalisation.
+crop + flip (and optionally TrivialAugment or RandAugment) for training, then scaling and normalisation.
 """
 
 from __future__ import annotations
@@ -114,27 +114,36 @@ def eval_array(images: list[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
     return (np.stack(crops).astype(np.float32) - mean) / std
 
 
+AUGMENT_STEPS = {"basic": None, "trivial": "TrivialAugmentWide", "randaugment": "RandAugment"}  # see options
+
+
 class TrainAugment:
-    """Random resized crop + horizontal flip on a decoded uint8 tensor, then normalisation.
+    """Random resized crop (area fraction ``scale``) + horizontal flip on a decoded uint8 tensor, then
+    normalisation. ``policy`` (:data:`~transferlab.options.AUGMENT_POLICIES`): ``basic`` is that alone;
+    ``trivial`` adds torchvision's ``TrivialAugmentWide``, ``randaugment`` its ``RandAugment`` (2 ops,
+    magnitude 9), both on the uint8 crop with bilinear interpolation, after the flip (timm's order).
 
     Uses the global torch RNG, which the training loop seeds per epoch from (seed, epoch).
     """
 
-    def __init__(self, cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0)):
+    def __init__(self, cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0), policy: str = "basic"):
         from torchvision.transforms import InterpolationMode, v2
 
+        if policy not in AUGMENT_STEPS:
+            raise ValueError(f"policy must be one of {tuple(AUGMENT_STEPS)}, got {policy!r}")
         self.cfg = cfg
-        self.transform = v2.Compose(
-            [
-                v2.RandomResizedCrop(
-                    cfg.input_size,
-                    scale=scale,
-                    interpolation=InterpolationMode(cfg.interpolation),
-                    antialias=True,
-                ),
-                v2.RandomHorizontalFlip(),
-            ]
-        )
+        steps = [
+            v2.RandomResizedCrop(
+                cfg.input_size,
+                scale=scale,
+                interpolation=InterpolationMode(cfg.interpolation),
+                antialias=True,
+            ),
+            v2.RandomHorizontalFlip(),
+        ]
+        if AUGMENT_STEPS[policy] is not None:
+            steps.append(getattr(v2, AUGMENT_STEPS[policy])(interpolation=InterpolationMode.BILINEAR))
+        self.transform = v2.Compose(steps)
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         import torch

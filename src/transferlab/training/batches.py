@@ -70,9 +70,12 @@ def feature_batches(features: torch.Tensor, labels: torch.Tensor, order: BatchOr
 
 
 def image_batches(images: list[torch.Tensor], labels: torch.Tensor, order: BatchOrder, preprocess: PreprocessConfig,
-                  augment: bool) -> Batches:
-    """Augmentation draws from the global torch RNG, which TrainLoop seeds per epoch."""
-    transform = TrainAugment(preprocess) if augment else (lambda ims: eval_batch(ims, preprocess))
+                  augment: bool, policy: str = "basic", crop_scale: float = 0.35) -> Batches:
+    """Augmentation (:class:`~transferlab.models.preprocessing.TrainAugment` with ``policy`` and the crop's
+    smallest area fraction ``crop_scale``; ``augment`` False: the evaluation centre crop, no randomness) draws
+    from the global torch RNG, which TrainLoop seeds per epoch."""
+    transform = (TrainAugment(preprocess, (crop_scale, 1.0), policy) if augment
+                 else (lambda ims: eval_batch(ims, preprocess)))
 
     def make(epoch: int):
         for idx in order.epoch(len(labels), epoch):

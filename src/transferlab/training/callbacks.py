@@ -1,10 +1,16 @@
-"""The callbacks every training uses: keep the best epoch, stop early, log, checkpoint."""
+"""The callbacks every training uses: keep the best epoch, stop early, log, checkpoint; and the fine-tuning
+recipe's optional ones: a moving average of the weights (:class:`EmaWeights`), Mixup/CutMix (:class:`MixBatches`)."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
+import zlib
+
+import numpy as np
+import torch
+from torch import nn
 
 from ..io import checkpoint
 from ..io.rundir import RunDir
@@ -16,11 +22,15 @@ log = logging.getLogger("transferlab")
 
 class KeepBestOnValidation(Callback):
     """Remembers the weights of the best epoch (:mod:`transferlab.selection`: validation accuracy, then the
-    lower loss) and puts them back at the end. Without validation data the last epoch is kept."""
+    lower loss) and puts them back at the end. Without validation data the last epoch is kept.
+
+    ``source``: the module whose weights are scored and kept, when not the loop's own (:class:`EmaWeights`'s
+    average: validation then scores the average too)."""
 
     order = 10
 
-    def __init__(self) -> None:
+    def __init__(self, source: nn.Module | None = None) -> None:
+        self.source = source
         self.best_key: tuple[float, float] | None = None
         self.best_state: dict | None = None
         self.best_epoch: int | None = None
@@ -29,7 +39,8 @@ class KeepBestOnValidation(Callback):
         score = epoch_score(row)
         if improves(score, self.best_key):
             self.best_key, self.best_epoch = score, row["epoch"]
-            self.best_state = copy.deepcopy(loop.module.state_dict())
+            module = self.source if self.source is not None else loop.module
+            self.best_state = copy.deepcopy(module.state_dict())
 
     def state(self) -> tuple[dict, dict]:
         tensors = {f"best.{k}": v for k, v in (self.best_state or {}).items()}
@@ -46,6 +57,80 @@ class KeepBestOnValidation(Callback):
             loop.module.load_state_dict(self.best_state)
             log.info("%s: kept epoch %d (best validation accuracy %.4f)", loop.stage, self.best_epoch,
                      self.best_key[0])
+
+
+class EmaWeights(Callback):
+    """An exponential moving average of the weights (``timm.utils.ModelEmaV3``), updated after every
+    optimizer step, that becomes the module's weights at the end of the stage (what the run saves).
+
+    Give :attr:`module` (the average) to :class:`KeepBestOnValidation` and to the validation, so the best
+    epoch is chosen among averaged weights. timm's warm-up is on: the decay after ``k`` updates is
+    ``min(decay, 1 - k ** -2/3)`` (the first update copies the weights), so a short fine-tuning (tens to
+    hundreds of steps) averages its last steps rather than staying near the weights it started from
+    (``0.999 ** 100`` = 0.9). Buffers are averaged as timm does: with ``--bn frozen`` BatchNorm statistics
+    do not change (the average of a constant is that constant); with ``--bn train`` the running statistics
+    are averaged too. The average and the update count go into the checkpoint, so a resumed run ends the same.
+    """
+
+    order = 5  # after_fit before KeepBestOnValidation's: the best average, when there is one, comes last
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(module, decay=decay, use_warmup=True)
+        self.updates = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy (always in eval mode)."""
+        return self.ema.module
+
+    def after_step(self, loop: TrainLoop) -> None:
+        self.updates += 1
+        self.ema.update(loop.module, step=self.updates)
+
+    def state(self) -> tuple[dict, dict]:
+        return {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()}, {"updates": self.updates}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        average = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+        if average:
+            self.ema.module.load_state_dict(average)
+        self.updates = int(meta.get("updates", 0))
+
+    def after_fit(self, loop: TrainLoop) -> None:
+        loop.module.load_state_dict(self.ema.module.state_dict())
+
+
+class MixBatches(Callback):
+    """Mixup / CutMix (``timm.data.Mixup``) on every training batch before the forward pass: ``loop.x``
+    becomes the mixed images, ``loop.y`` soft targets (rows of class probabilities, ``label_smoothing``
+    included) for ``timm.loss.SoftTargetCrossEntropy``. With both alphas above 0 each batch uses one of the
+    two (timm's ``switch_prob`` 0.5). timm's batch mode mixes a batch with its reverse and needs an even
+    size: an odd batch leaves out its last sample. timm draws from numpy's global generator, which is
+    seeded here per epoch from (seed, epoch, stage), as the loop seeds torch's: a resumed run mixes alike."""
+
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> None:
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                         num_classes=num_classes)
+
+    def before_epoch(self, loop: TrainLoop) -> None:
+        np.random.seed(zlib.crc32(f"mix/{loop.seed}/{loop.epoch}/{loop.stage}".encode()))
+
+    def before_batch(self, loop: TrainLoop) -> None:
+        loop.x, loop.y = self(loop.x, loop.y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed images and soft targets of a batch (a batch of one: its smoothed one-hot target)."""
+        from timm.data.mixup import mixup_target
+
+        if len(y) < 2:
+            return x, mixup_target(y, self.mix.num_classes, 1.0, self.mix.label_smoothing)
+        if len(y) % 2:
+            x, y = x[:-1], y[:-1]
+        return self.mix(x, y)
 
 
 class EarlyStopping(Callback):

@@ -4,7 +4,8 @@ A small fastai-like design: the loop fires named events (:data:`EVENTS`) to call
 ``order``; a callback raises :class:`StopTraining` to end training early. Epoch events frame each epoch,
 batch events each batch, step events the optimizer step (gradients are there between ``before_step``
 and ``after_step``: the place for gradient clipping or a distributed all-reduce). While an event runs the
-loop exposes its state: ``epoch``, ``batch_index``, ``x``, ``y``, ``logits``, ``loss``. Randomness per
+loop exposes its state: ``epoch``, ``batch_index``, ``x``, ``y``, ``logits``, ``loss`` (a ``before_batch`` callback
+may replace ``x`` and ``y``: Mixup's soft targets are rows of class probabilities). Randomness per
 epoch (shuffling, augmentation) is derived from (seed, epoch), so an epoch's batches do not depend on what
 ran before it.
 """
@@ -105,8 +106,9 @@ class _Totals:
         self.loss, self.correct, self.seen = 0.0, 0, 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        labels = y.argmax(1) if y.ndim > 1 else y  # soft targets (Mixup/CutMix): their largest class
         self.loss += loss.item() * len(y)
-        self.correct += int((logits.argmax(1) == y).sum())
+        self.correct += int((logits.argmax(1) == labels).sum())
         self.seen += len(y)
 
 

@@ -4,7 +4,8 @@ stages of a training.
 - ``freeze`` (:class:`Freeze`): the backbone is fixed (feature extraction); only the head trains, on
   cached features.
 - ``unfreeze`` (:class:`Unfreeze`): fastai's ``fine_tune`` recipe: the head first on cached features, then
-  every layer on pixels, the backbone at ``lr * backbone_lr_mult``.
+  every layer on pixels, the backbone at ``lr * backbone_lr_mult`` (its earlier blocks lower with
+  ``layer_decay`` < 1: :func:`param_groups`).
 - ``partial`` (:class:`Partial`): the same recipe, but only the last ``unfreeze_last`` backbone blocks
   train; the earlier ones stay fixed.
 
@@ -139,18 +140,52 @@ def set_train_mode(model, bn: str) -> None:
         model.backbone.eval()
 
 
-def param_groups(model, lr: float, backbone_lr_mult: float, weight_decay: float,
-                 head_only: bool = False) -> list[dict]:
-    """Head at ``lr``; trainable backbone parameters at ``lr * backbone_lr_mult`` (unless ``head_only``).
+def block_depths(backbone) -> dict[str, int]:
+    """Backbone parameter name -> how many ``layer_decay`` steps its learning rate lies below the last block's.
 
-    No weight decay on biases and normalisation parameters (1-D tensors), as timm and fastai do.
+    Block i of n (``backbone.blocks``, input to output) is ``n - 1 - i`` steps down: the last block 0, the
+    first ``n - 1``. A parameter in no block takes the depth of the nearest block before it in parameter
+    order (e.g. a final conv/norm after the last block learns like the last block); one before the first
+    block (the stem) lies one step below the first block, ``n``: the smallest learning rate.
     """
-    groups = []
-    parts = [(model.head, lr)] + ([] if head_only else [(model.backbone, lr * backbone_lr_mult)])
-    for module, group_lr in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": ps, "lr": group_lr, "weight_decay": wd}
-                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    n = len(backbone.blocks)
+    block_of = {name: i for i, block in enumerate(backbone.blocks) for name in block}
+    depths, depth = {}, n
+    for name, _ in backbone.named_parameters():
+        if name in block_of:
+            depth = n - 1 - block_of[name]
+        depths[name] = depth
+    return depths
+
+
+def _decay_split(params: list, lr: float, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation parameters (1-D tensors), as timm and fastai do."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+
+
+def param_groups(model, lr: float, backbone_lr_mult: float, weight_decay: float,
+                 head_only: bool = False, layer_decay: float = 1.0) -> list[dict]:
+    """Optimizer groups with one learning-rate rule (the backbone only unless ``head_only``):
+
+    - the head at ``lr``;
+    - the backbone's last block at ``lr * backbone_lr_mult``, and each earlier block ``layer_decay`` times the
+      block after it: ``lr * backbone_lr_mult * layer_decay ** depth`` with the depth of :func:`block_depths`
+      (the stem, before the first block, one step lower still; parameters after the last block as the last
+      block). ``layer_decay`` 1 (the default): the whole backbone at ``lr * backbone_lr_mult``.
+
+    Only parameters that require gradients; per learning rate (head first, then the backbone from the input
+    on) one group with weight decay and one without it for 1-D tensors.
+    """
+    groups = _decay_split([p for p in model.head.parameters() if p.requires_grad], lr, weight_decay)
+    if head_only:
+        return groups
+    depths = block_depths(model.backbone)
+    by_lr: dict[float, list] = {}
+    for name, param in model.backbone.named_parameters():
+        if param.requires_grad:
+            by_lr.setdefault(lr * backbone_lr_mult * layer_decay ** depths[name], []).append(param)
+    for group_lr, params in by_lr.items():
+        groups += _decay_split(params, group_lr, weight_decay)
     return groups

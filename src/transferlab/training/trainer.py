@@ -40,7 +40,8 @@ from ..runtime.inference import InferenceOptions, average_views, predict_in_batc
 from ..runtime.precision import Policy, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
-from .callbacks import EarlyStopping, EpochLogger, KeepBestOnValidation, SaveCheckpoint
+from .callbacks import EarlyStopping, EmaWeights, EpochLogger, KeepBestOnValidation, MixBatches, SaveCheckpoint
+from .deadline import Deadline
 from .loop import Callback, LoopSpec, TrainLoop, make_optimizer
 from .strategies import Stage, make_strategy, param_groups
 
@@ -87,16 +88,21 @@ class Trainer:
     ``resume``: a missing checkpoint is an error (without it an existing checkpoint is resumed anyway).
     ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects attached to every stage.
     ``export``: write the ONNX model at the end (RUN_DIR/model.onnx), so ``predict`` runs without torch.
+    ``deadline``: a ``time.perf_counter()`` value training must end by (``--strategy auto`` gives each run
+    its share of the budget); without it ``time_limit`` counts from the start of :meth:`run`.
     """
 
     def __init__(self, config: TrainConfig, out, *, shared_dir=None, resume: bool = False,
-                 callbacks: tuple[Callback, ...] | list[Callback] = (), export: bool = False):
+                 callbacks: tuple[Callback, ...] | list[Callback] = (), export: bool = False,
+                 deadline: float | None = None):
         self.cfg = config.resolved()
         self.run_dir = RunDir(check_writable_dir(out))
         self.strategy = make_strategy(self.cfg)
         # only a backbone that never trains has weights worth sharing between runs
         self.shared_dir = shared_dir if not self.strategy.uses_pixels else None
         self.resume, self.extra_callbacks, self.export = resume, list(callbacks), export
+        self.given_deadline = deadline
+        self.deadline: Deadline | None = None
         self.record = self.cfg.with_absolute_paths().to_dict()  # config.json's "train", the checkpoint's key
         self.timings = Timings()
         self.history: list[dict] = []
@@ -128,6 +134,11 @@ class Trainer:
             raise TransferlabError(f"--resume: {self.run_dir.path} holds no checkpoint to resume (the run finished "
                                    "or never started)")
         self.timings = Timings()
+        end = self.given_deadline
+        if end is None and self.cfg.time_limit:
+            end = self.timings.started + self.cfg.time_limit
+        self.deadline = Deadline(end, self._testing_reserve) if end is not None else None
+        self.limit_seconds = None if end is None else round(end - self.timings.started, 3)
         seed_everything(self.cfg.seed)
         self.policy = resolve_policy(self.cfg.precision, self.cfg.device)
         log.info("device %s, precision %s%s", self.policy.device, self.policy.precision,
@@ -199,6 +210,11 @@ class Trainer:
         metrics["inference"] = self._inference_record()
         kept = self.kept_epoch()
         metrics["selected_epoch"] = {"stage": kept["stage"], "epoch": kept["epoch"]} if kept else None
+        if self.deadline is not None:
+            stopped = self.deadline.stopped_after
+            metrics["time_limit"] = {"seconds": self.cfg.time_limit or self.limit_seconds,
+                                     "stopped_after": None if stopped is None
+                                     else {"stage": stopped[0], "epoch": stopped[1]}}
         metrics["total_seconds"] = round(time.perf_counter() - self.timings.started, 3)
         outputs = RunOutputs(self.model.state_dict(), self._config_record(), metrics, self.history,
                              self._data_report(), predictions)
@@ -210,6 +226,12 @@ class Trainer:
         log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
                  *metrics["accuracy_ci95"], metrics["f1"], self.run_dir.path)
         return Run(self.run_dir.path, config, self.model, self.policy)
+
+    def _testing_reserve(self, epoch_seconds: float) -> float:
+        """Time to keep for testing after an epoch of ``epoch_seconds``: a forward pass costs about a third
+        of a training step, so half an epoch's time per training image is a safe estimate."""
+        inputs = self.inputs
+        return 0.5 * epoch_seconds * len(inputs.test) / max(1, len(inputs.train)) if inputs else 0.0
 
     def _export(self, config: dict) -> None:
         """The ONNX model for the torch-free ``predict``; a model the exporter cannot handle (data-dependent
@@ -239,20 +261,27 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _fit_stage(self, stage: Stage, resume: Checkpoint | None) -> list[dict]:
+        ema = mix = None  # the fine-tuning recipe's optional callbacks (--ema, --mixup/--cutmix)
         if stage.on_features:
             self._attach_features()
             spec = self._head_loop(stage)
             threads = torch_threads(1) if self.policy.device == "cpu" else contextlib.nullcontext()
         else:
-            spec, threads = self._finetune_loop(stage), contextlib.nullcontext()
-        loop = TrainLoop(spec, self._callbacks())
+            ema = EmaWeights(self.model, self.cfg.ema) if self.cfg.ema else None
+            mix = self._mixing()
+            spec, threads = self._finetune_loop(stage, ema, mix), contextlib.nullcontext()
+        recipe = [cb for cb in (ema, mix) if cb is not None]
+        loop = TrainLoop(spec, self._callbacks(ema.module if ema is not None else None) + recipe)
         with threads:
             return loop.fit(resume)
 
-    def _callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [KeepBestOnValidation(), EpochLogger()]
+    def _callbacks(self, kept: nn.Module | None = None) -> list[Callback]:
+        """``kept``: the module whose weights keep-best scores and keeps, when not the loop's (EMA's average)."""
+        callbacks: list[Callback] = [KeepBestOnValidation(kept), EpochLogger()]
         if self.cfg.patience:
             callbacks.append(EarlyStopping(self.cfg.patience))
+        if self.deadline is not None:
+            callbacks.append(self.deadline)
         callbacks.append(SaveCheckpoint(self.run_dir, self.record, self.history))
         return callbacks + self.extra_callbacks
 
@@ -288,19 +317,37 @@ class Trainer:
                         make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs, fp32, stage.name,
                         cfg.warmup_epochs, validate, head.train, cfg.seed)
 
-    def _finetune_loop(self, stage: Stage) -> LoopSpec:
+    def _mixing(self) -> MixBatches | None:
+        """Mixup/CutMix for fine-tuning; its soft targets carry the label smoothing, and its loss
+        (SoftTargetCrossEntropy) has no class weights."""
+        cfg = self.cfg
+        if not (cfg.mixup or cfg.cutmix):
+            return None
+        if cfg.class_weights != "none":
+            log.warning("--class-weights %s: not applied to the fine-tuning loss with --mixup/--cutmix",
+                        cfg.class_weights)
+        return MixBatches(cfg.mixup, cfg.cutmix, cfg.label_smoothing, len(self.splits.classes))
+
+    def _finetune_loop(self, stage: Stage, ema: EmaWeights | None = None, mix: MixBatches | None = None) -> LoopSpec:
+        """With ``ema`` validation scores the averaged weights; with ``mix`` the training loss takes soft
+        targets (validation keeps the plain loss on hard labels)."""
+        from timm.loss import SoftTargetCrossEntropy
+
         cfg, model, train, val = self.cfg, self.model, self.inputs.train, self.inputs.val
         preprocess = model.backbone.preprocess
-        groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+        groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, layer_decay=cfg.layer_decay)
+        evaluated = ema.module if ema is not None else model
         validate = None
         if val is not None:
             def validate():
-                model.eval()
-                logits = predict_in_batches(model, val.images, preprocess, self.policy)
+                evaluated.eval()
+                logits = predict_in_batches(evaluated, val.images, preprocess, self.policy)
                 return float(self.loss_fn(logits.to(self.policy.device), val.labels.to(self.policy.device))), \
                     float((logits.argmax(1) == val.labels).float().mean())
-        batches = image_batches(train.images, train.labels, self._order(stage), preprocess, cfg.augment)
-        return LoopSpec(model, batches, self.loss_fn, make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs,
+        batches = image_batches(train.images, train.labels, self._order(stage), preprocess, cfg.augment,
+                                cfg.augment_policy, cfg.crop_scale)
+        loss_fn = SoftTargetCrossEntropy() if mix is not None else self.loss_fn
+        return LoopSpec(model, batches, loss_fn, make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs,
                         self.policy, stage.name, cfg.warmup_epochs, validate,
                         lambda: self.strategy.set_train_mode(model), cfg.seed)
 

@@ -1,0 +1,217 @@
+"""--strategy auto, the held-out policy and --time-limit (tiny generated images, a small random-init model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, make_class_folders
+from safetensors.numpy import load_file
+
+import transferlab
+from transferlab.auto.search import AutoSearch, Finalist
+from transferlab.auto.space import SearchSpace
+from transferlab.cli import main
+from transferlab.config import TrainConfig
+from transferlab.data.heldout import AUTO_VAL_SIZE, default_val_size, stratified_folds
+from transferlab.errors import TransferlabError
+from transferlab.io.rundir import RunDir
+from transferlab.options import parse_duration
+
+CLASSES = ("red", "blue", "green")
+AUTO = {**TINY, "strategy": "auto", "epochs": 2, "head_epochs": 1}
+
+
+@pytest.fixture
+def three_class_data(tmp_path: Path) -> Path:
+    root = tmp_path / "three"
+    make_class_folders(root / "train", per_class=12, classes=CLASSES)
+    make_class_folders(root / "test", per_class=4, classes=CLASSES, start_seed=700)
+    return root
+
+
+# ------------------------------------------------------------------------------------- held-out policy
+
+def test_only_auto_carves_a_validation_split_by_default():
+    assert default_val_size("auto") == AUTO_VAL_SIZE > 0
+    assert default_val_size("unfreeze") == default_val_size("freeze") == 0.0
+    assert TrainConfig(data_dir="d", strategy="auto").resolved().val_size == AUTO_VAL_SIZE
+    assert TrainConfig(data_dir="d", strategy="auto", val_size=0.3).resolved().val_size == 0.3
+
+
+def test_stratified_folds_hold_every_image_out_once_and_lower_k_for_small_classes():
+    labels = [0] * 10 + [1] * 3
+    folds = stratified_folds(labels, k=5, seed=0)
+    assert folds.k == 3 and "3 folds instead of 5" in folds.notes[0]
+    held = np.concatenate([h for _, h in folds.splits])
+    assert sorted(held.tolist()) == list(range(13))
+    for train, held_out in folds.splits:
+        assert not set(train) & set(held_out) and {labels[i] for i in held_out} == {0, 1}
+    assert [h.tolist() for _, h in stratified_folds(labels, 5, 0).splits] == [h.tolist() for _, h in folds.splits]
+    with pytest.raises(TransferlabError, match="at least 2 training images per class"):
+        stratified_folds([0, 0, 0, 1], k=5)
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("1.5h") == 5400
+    assert parse_duration("45") == 45
+    for bad in ("ten minutes", "0", "-5m"):
+        with pytest.raises(TransferlabError, match="--time-limit"):
+            parse_duration(bad)
+
+
+def test_bad_time_limit_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--time-limit", "soon"])
+    assert exc.value.code == 2
+    assert "--time-limit" in capsys.readouterr().err
+
+
+def test_auto_needs_a_validation_split(tiny_data, tmp_path):
+    with pytest.raises(TransferlabError, match="validation split"):
+        transferlab.train(tiny_data, out=tmp_path / "r", **AUTO, val_size=0.0)
+
+
+# ------------------------------------------------------------------------------------------ time limit
+
+def test_time_limit_stops_within_the_limit_plus_one_epoch(tiny_data, tmp_path):
+    limit = 6.0
+    started = time.perf_counter()
+    run = transferlab.train(tiny_data, out=tmp_path / "r", **{**TINY, "strategy": "unfreeze"}, epochs=100_000,
+                            head_epochs=1, time_limit=limit, export=False)
+    elapsed = time.perf_counter() - started
+    history = [r for r in RunDir(run.directory).read_history()
+               if r["stage"] == "finetune"]
+    longest = max(float(r["seconds"]) for r in history)
+    assert 1 <= len(history) < 100_000
+    assert elapsed <= limit + longest + 3.0, (elapsed, longest)  # + model build and writing the run
+    metrics = run.metrics
+    assert metrics["time_limit"] == {"seconds": limit,
+                                     "stopped_after": {"stage": "finetune", "epoch": len(history)}}
+    assert RunDir(run.directory).is_finished()
+    assert transferlab.load_run(run.directory).predict([next(tiny_data.rglob("*.png"))])
+
+
+# ------------------------------------------------------------------------------------------------ auto
+
+def _weights(directory: Path) -> dict:
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def _permuted_copy(test_dir: Path, target: Path) -> Path:
+    """The test folder with every image moved to the next class's folder: same images, wrong labels."""
+    for i, cls in enumerate(CLASSES):
+        for image in sorted((test_dir / cls).iterdir()):
+            wrong = target / CLASSES[(i + 1) % len(CLASSES)]
+            wrong.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, wrong / image.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def auto_pair(tmp_path_factory):
+    """The same auto search with the true test folder and with a label-permuted copy of it."""
+    root = tmp_path_factory.mktemp("auto")
+    make_class_folders(root / "data", per_class=12, classes=CLASSES)
+    make_class_folders(root / "test", per_class=4, classes=CLASSES, start_seed=700)
+    permuted = _permuted_copy(root / "test", root / "test-permuted")
+    runs = [transferlab.train(root / "data", out=root / name, test_dir=test, **AUTO)
+            for name, test in (("true", root / "test"), ("permuted", permuted))]
+    return runs
+
+
+def test_auto_writes_a_complete_run_with_its_search_record(auto_pair):
+    run = auto_pair[0]
+    record = json.loads((run.directory / "auto.json").read_text())
+    heads = {c["head"] for c in record["candidates"]}
+    assert heads == {"0", "256"}  # the head axis was searched; backbone and size were given
+    assert all(c["cv_accuracy"] is not None and 0 <= c["cv_accuracy"] <= 1 for c in record["candidates"])
+    names = [f["name"] for f in record["finalists"]]
+    assert names[0] == "freeze" and any(n.startswith("unfreeze") for n in names)
+    assert record["chosen"] in names and record["reason"] and record["test_split_used_for_choice"] is False
+    assert all(f["val_accuracy"] is not None for f in record["finalists"] if f["skipped"] is None)
+    assert RunDir(run.directory).is_finished()
+    markdown = (run.directory / "auto.md").read_text()
+    assert record["chosen"] in markdown and "The test split ranked nothing" in markdown
+    assert markdown.count("| timm/test_efficientnet |") == 2
+    chosen = next(f for f in record["finalists"] if f["name"] == record["chosen"])
+    assert chosen["run_dir"] == "."
+    assert run.config["train"]["strategy"] == chosen["strategy"]
+    for f in record["finalists"]:  # the others stay complete runs of their own
+        if f["name"] != record["chosen"]:
+            assert RunDir(run.directory / f["run_dir"]).is_finished()
+
+
+def test_auto_never_reads_test_labels(auto_pair):
+    true, permuted = auto_pair
+    records = [json.loads((r.directory / "auto.json").read_text()) for r in auto_pair]
+    def decisions(record: dict) -> list[dict]:  # timings and cache hits differ between the two runs
+        return [{k: v for k, v in row.items() if "seconds" not in k and k != "features"}
+                for row in record["candidates"]]
+
+    assert records[0]["chosen"] == records[1]["chosen"] and decisions(records[0]) == decisions(records[1])
+    assert [f["val_accuracy"] for f in records[0]["finalists"]] == [f["val_accuracy"] for f in records[1]["finalists"]]
+    a, b = _weights(true.directory), _weights(permuted.directory)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert true.metrics["accuracy"] != permuted.metrics["accuracy"]  # the labels really differ
+
+
+def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_head_on_validation(tmp_path, tiny_data):
+    search = AutoSearch(TrainConfig(data_dir=str(tiny_data), **AUTO), tmp_path / "r")
+    cfg = search.cfg
+    frozen = Finalist("freeze", cfg, tmp_path, val_accuracy=0.9)
+    tuned = Finalist("unfreeze", cfg, tmp_path, val_accuracy=0.9)
+    search.finalists = [frozen, tuned]
+    assert search.choose(frozen)[0] is frozen  # a tie keeps the frozen head
+    tuned.val_accuracy = 0.95
+    assert search.choose(frozen)[0] is tuned
+    tuned.skipped, tuned.val_accuracy = "time limit", None
+    winner, reason = search.choose(frozen)
+    assert winner is frozen and "time limit" in reason
+
+
+def test_given_options_fix_their_axis_of_the_search():
+    cfg = TrainConfig(data_dir="d", strategy="auto", backbone="resnet18", image_size=160)
+    space = SearchSpace.of(cfg, {"backbone", "image_size"})
+    assert [(f.backbone, f.size_for(224)) for f in space.feature_sets] == [("resnet18", 160)]
+    assert space.heads == ("0", "256")
+    full = SearchSpace.of(TrainConfig(data_dir="d", strategy="auto"), set())
+    assert {f.backbone for f in full.feature_sets} == {"efficientnet_lite0", "efficientnet_lite1",
+                                                       "efficientnet_lite2"}
+    assert sorted({f.size_for(224) for f in full.feature_sets}) == [224, 320]
+
+
+def test_auto_with_a_time_limit_fits_it_and_leaves_a_complete_run(three_class_data, tmp_path):
+    limit = 25.0
+    started = time.perf_counter()
+    run = transferlab.train(three_class_data, out=tmp_path / "r", **{**AUTO, "epochs": 100_000}, time_limit=limit)
+    elapsed = time.perf_counter() - started
+    record = json.loads((run.directory / "auto.json").read_text())
+    tuned = [f for f in record["finalists"] if f["strategy"] == "unfreeze"]
+    epoch_seconds = max([float(r["seconds"]) for r in RunDir(tmp_path / "r").read_history()] + [0.0])
+    for f in tuned:
+        if f["skipped"] is None:
+            epochs = [r for r in RunDir(tmp_path / "r" / f["run_dir"]).read_history() if r["stage"] == "finetune"]
+            epoch_seconds = max([epoch_seconds] + [float(r["seconds"]) for r in epochs])
+            assert len(epochs) < 100_000
+    assert elapsed <= limit + epoch_seconds + 3.0, (elapsed, epoch_seconds)
+    assert RunDir(run.directory).is_finished() and record["time_limit"] == limit
+
+
+def test_experiment_time_limit_leaves_the_rest_for_the_next_call(tmp_path):
+    from transferlab.api import run_experiment
+
+    data = make_class_folders(tmp_path / "data", per_class=8)
+    kwargs = {"strategies": "unfreeze", "optimizers": "adam", "heads": "0", "seeds": "0,1,2,3,4,5,6,7",
+              "backbones": TINY["backbone"], "epochs": 2, "audit": False,
+              "options": {k: v for k, v in TINY.items() if k != "backbone"} | {"head_epochs": 1}}
+    limited = run_experiment(data, tmp_path / "exp", time_limit="1s", **kwargs)
+    assert limited.trained >= 1 and limited.not_started >= 1
+    assert limited.trained + limited.not_started == 8
+    assert (tmp_path / "exp" / "report.html").is_file()  # the report covers what ran
+    rest = run_experiment(data, tmp_path / "exp", **kwargs)
+    assert (rest.trained, rest.skipped, rest.not_started) == (limited.not_started, limited.trained, 0)
