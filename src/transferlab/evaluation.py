@@ -48,21 +48,31 @@ def labelled_for_model(samples: list[Sample], classes: list[str], mapping: dict[
 
 
 def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-             class_map: dict[str, str] | str | None = None, strict: bool = False, tta: bool | None = None,
-             engine: str | None = None) -> MetricsRecord:
+             class_map: dict[str, str] | str | None = None, strict: bool = False,
+             unknown_dir: str | os.PathLike | None = None, **inference) -> MetricsRecord:
     """Evaluate a trained run on another image folder (classes matched by name, subsets allowed).
 
     ``data_dir`` is a class-folder tree, or a dataset with a train/test layout (its test split is used).
     Writes metrics.json, confusion_matrix.png and data_report.json to ``out`` (default
-    RUN_DIR/evaluations/<folder name>) and returns the metrics. ``tta`` and ``engine`` override the run's.
+    RUN_DIR/evaluations/<folder name>) and returns the metrics. ``inference``: ``tta`` and ``engine``, which
+    override the run's (None: keep it).
+    A run with a trust layer adds calibration, unknown and prediction-set figures; ``unknown_dir``: a folder
+    of images of none of the classes, scored against ``data_dir``'s (AUROC, share flagged).
     """
     run = run if isinstance(run, Run) else Run.load(run)
-    if tta is not None:
-        run.tta = tta
-    if engine is not None:
-        run.engine = engine
+    unknown_options = sorted(set(inference) - {"tta", "engine"})
+    if unknown_options:
+        raise TransferlabError(f"evaluate: unknown option '{unknown_options[0]}'")
+    for name, value in inference.items():
+        if value is not None:
+            setattr(run, name, value)
     mapping = load_class_map(class_map)
     data_dir = Path(data_dir)
+    if unknown_dir is not None and run.trust is None:
+        raise TransferlabError(f"--unknown {unknown_dir}: {run.directory} has no trust layer (train it with a "
+                               "validation split, e.g. --val-size 0.15)")
+    if unknown_dir is not None and not Path(unknown_dir).is_dir():
+        raise TransferlabError(f"--unknown {unknown_dir}: folder not found")
     listed, layout = discover_evaluation(data_dir)
     target = EvaluationDir(check_writable_dir(out if out is not None else
                                               run.directory / EVALUATIONS_DIR / data_dir.resolve().name))
@@ -73,8 +83,16 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     y_true = np.array([index[model_label[s.path]] for s in decoded.samples], dtype=np.int64)
     if len(y_true) == 0:
         raise TransferlabError(f"DATA_DIR {data_dir}: no usable images")
-    probs = run.predict_tensors(decoded.images).numpy()
+    probs, trusted = run.predict_outputs(decoded.images, n_images=len(decoded.images))
     metrics = compute_metrics(y_true, probs, run.classes)
+    if run.trust is not None:
+        from .trust.model import ASSUMPTION
+
+        metrics |= run.trust.test_report(probs, y_true, trusted)
+        metrics["trust_assumption"] = ASSUMPTION
+        log.warning("calibration, unknown and prediction sets: %s; %s may not be", ASSUMPTION, data_dir)
+        if unknown_dir is not None:
+            metrics["unknown"] |= _unknown_folder(run, Path(unknown_dir), trusted.unknown_score, strict)
     metrics["data_dir"] = str(data_dir.resolve())
     metrics["tta"] = run.tta
     report = {"data_dir": str(data_dir.resolve()), "layout": layout, "class_map": mapping,
@@ -85,3 +103,19 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     log.info("accuracy %.4f on %d images of %s; written to %s", metrics["accuracy"], len(y_true), data_dir,
              target.path)
     return metrics
+
+
+def _unknown_folder(run: Run, folder: Path, known_scores: np.ndarray, strict: bool) -> dict:
+    """The unknown score on a folder of images of none of the classes, against the known images' scores."""
+    from .metrics import binary_roc_auc
+    from .prediction import expand_image_paths
+
+    paths = expand_image_paths([folder])
+    decoded = decode_samples([Sample(p, "") for p in paths], run.preprocess, strict=strict, desc="unknown images")
+    if not decoded.images:
+        raise TransferlabError(f"--unknown {folder}: no usable images")
+    _, trusted = run.predict_outputs(decoded.images, n_images=len(decoded.images))
+    scores = np.concatenate([known_scores, trusted.unknown_score])
+    is_unknown = np.r_[np.zeros(len(known_scores), bool), np.ones(len(trusted.unknown_score), bool)]
+    return {"unknown_dir": str(folder.resolve()), "n_unknown": len(trusted.unknown_score),
+            "unknown_flagged": float(trusted.unknown.mean()), "auroc": binary_roc_auc(is_unknown, scores)}

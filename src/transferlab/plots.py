@@ -224,6 +224,38 @@ def _draw_learning_curve(points: list[dict], fit: dict | None, classes: list[str
     return _png_bytes(fig)
 
 
+def reliability_png(calibration: dict, target: str | os.PathLike, title: str = "Reliability (test)") -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling (``calibration``: the
+    ``calibration`` entry of metrics.json)."""
+    _write_figure("reliability", target, calibration={k: calibration[k] for k in (
+        "temperature", "ece_before", "ece_after", "reliability_before", "reliability_after")}, title=title)
+
+
+def _draw_reliability(calibration: dict, title: str) -> bytes:
+    fig = _figure((8.4, 3.9))
+    for i, name in enumerate(("before", "after")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        bins = calibration[f"reliability_{name}"]
+        centres = [(b["low"] + b["high"]) / 2 for b in bins]
+        width = [b["high"] - b["low"] for b in bins]
+        ax.bar(centres, [b["accuracy"] for b in bins], width=width, edgecolor="#1f4e79", color="#8fb4d9",
+               label="accuracy")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#c0392b", ms=3,
+                label="mean confidence")
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        t = 1.0 if name == "before" else calibration["temperature"]
+        ax.set_title(f"{name} temperature scaling (T = {t:.2f})\nECE {calibration[f'ece_{name}']:.4f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        if i == 0:
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
 _DRAW = {"confusion_matrix": _draw_confusion_matrix, "class_distribution": _draw_class_distribution,
          "training_curves": _draw_training_curves, "comparison": _draw_comparison,
-         "learning_curve": _draw_learning_curve}
+         "learning_curve": _draw_learning_curve, "reliability": _draw_reliability}

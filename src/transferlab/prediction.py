@@ -2,7 +2,12 @@
 exported model on ONNX Runtime). Imports no torch.
 
 One record per image: ``{"path", "label", "score", "top_k": [[class, probability], ...]}``, or
-``{"path", "error"}`` for a file that does not decode.
+``{"path", "error"}`` for a file that does not decode. A run with a trust layer (fitted on a validation
+split, :mod:`transferlab.trust`) gives calibrated probabilities in ``score`` and ``top_k`` (the label is
+unchanged) and adds ``"unknown"`` (bool), ``"unknown_score"`` and ``"prediction_set"`` (classes).
+
+A predictor's ``predict_outputs(images)`` returns the probabilities (n, classes) and the
+:class:`~transferlab.trust.model.TrustedPredictions` of the batch (None without a trust layer).
 """
 
 from __future__ import annotations
@@ -46,17 +51,28 @@ def record(path: str | os.PathLike, probs: np.ndarray, classes: list[str], top_k
     return {"path": str(path), "label": ranked[0][0], "score": ranked[0][1], "top_k": ranked}
 
 
+def batch_records(names: Sequence[str], probs: np.ndarray, trusted, classes: list[str], top_k: int) -> list[dict]:
+    """The records of a batch from ``predict_outputs``'s result."""
+    if trusted is None:
+        return [record(name, p, classes, top_k) for name, p in zip(names, probs, strict=True)]
+    return [record(name, trusted.probs[i], classes, top_k) | trusted.fields(i, classes)
+            for i, name in enumerate(names)]
+
+
 def stream(paths: Sequence[Path], decoded: Iterable[tuple[object | None, str | None]],
-           predict: Callable[[list], np.ndarray], classes: list[str], top_k: int, batch_size: int) -> Iterator[dict]:
-    """Records in input order; ``decoded`` yields (image, None) or (None, reason) per path, and ``predict``
-    turns a list of decoded images into a (n, classes) probability array, ``batch_size`` images at a time."""
+           predict_outputs: Callable[[list], tuple], classes: list[str], top_k: int, batch_size: int
+           ) -> Iterator[dict]:
+    """Records in input order; ``decoded`` yields (image, None) or (None, reason) per path, and
+    ``predict_outputs`` turns a list of decoded images into (probabilities, trusted predictions or None),
+    ``batch_size`` images at a time."""
     chunk: list[tuple[Path, object | None, str | None]] = []
 
     def flush() -> Iterator[dict]:
-        good = [image for _, image, _ in chunk if image is not None]
-        probs = iter(predict(good) if good else [])
+        good = [(path, image) for path, image, _ in chunk if image is not None]
+        records = iter(batch_records([str(path) for path, _ in good], *predict_outputs([i for _, i in good]),
+                                     classes, top_k) if good else [])
         for path, image, error in chunk:
-            yield {"path": str(path), "error": error} if image is None else record(path, next(probs), classes, top_k)
+            yield {"path": str(path), "error": error} if image is None else next(records)
         chunk.clear()
 
     for path, (image, error) in zip(paths, decoded, strict=True):
@@ -66,17 +82,25 @@ def stream(paths: Sequence[Path], decoded: Iterable[tuple[object | None, str | N
     yield from flush()
 
 
-def csv_header(top_k: int) -> list[str]:
+TRUST_COLUMNS = ("unknown", "unknown_score", "prediction_set")
+
+
+def csv_header(top_k: int, trusted: bool = False) -> list[str]:
     return ["path", "label", "score", *[f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "score")],
-            "error"]
+            "error", *(TRUST_COLUMNS if trusted else ())]
 
 
-def csv_line(row: dict, top_k: int) -> str:
-    """One record as a CSV line (``--format csv``): path, label, score, label_1, score_1, ..., error."""
+def csv_line(row: dict, top_k: int, trusted: bool = False) -> str:
+    """One record as a CSV line (``--format csv``): path, label, score, label_1, score_1, ..., error, then
+    with a trust layer unknown, unknown_score and the prediction set (classes joined by ``;``)."""
     ranked = row.get("top_k", [])
     cells = [row["path"], row.get("label", ""), row.get("score", "")]
     for i in range(top_k):
         cells += ranked[i] if i < len(ranked) else ["", ""]
+    cells.append(row.get("error", ""))
+    if trusted:
+        unknown = str(row["unknown"]).lower() if "unknown" in row else ""
+        cells += [unknown, row.get("unknown_score", ""), ";".join(row.get("prediction_set", []))]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow([*cells, row.get("error", "")])
+    csv.writer(buffer, lineterminator="").writerow(cells)
     return buffer.getvalue()

@@ -22,8 +22,9 @@ from .io.rundir import RunConfigRecord, RunDir
 from .models.build import ModelSpec, build_model
 from .models.preprocessing import PreprocessConfig
 from .prediction import check_prediction_options, expand_image_paths
-from .runtime.inference import InferenceOptions, predict_logits
+from .runtime.inference import InferenceOptions, predict_logits, predict_logits_and_features
 from .runtime.precision import Policy, resolve_policy
+from .trust.model import load_trust
 
 log = logging.getLogger("transferlab")
 
@@ -42,6 +43,7 @@ class Run:
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
         self.tta: bool = bool(config.get("train", {}).get("tta", False))  # test-time augmentation
         self.engine: str = "auto"  # inference engine, see transferlab.runtime.inference
+        self.trust = load_trust(RunDir(directory), config)  # calibration, unknown, prediction sets (or None)
 
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, backbone={self.config['backbone']['name']!r}, classes={self.classes})"
@@ -84,6 +86,21 @@ class Run:
         :class:`~transferlab.runtime.onnx_classifier.OnnxClassifier` too."""
         return self.predict_tensors([torch.from_numpy(image) for image in images]).numpy()
 
+    @torch.no_grad()
+    def predict_outputs(self, images: list, batch_size: int = 32, n_images: int | None = None) -> tuple:
+        """(probabilities, :class:`~transferlab.trust.model.TrustedPredictions` or None) for decoded images
+        (tensors or CHW uint8 numpy arrays); the trust layer needs the pooled features, computed in the same
+        forward pass."""
+        images = [torch.from_numpy(i) if isinstance(i, np.ndarray) else i for i in images]
+        if self.trust is None:
+            return self.predict_tensors(images, batch_size, n_images).numpy(), None
+        self.model.eval()
+        logits, features = predict_logits_and_features(self.model, images, self.policy,
+                                                       InferenceOptions(self.engine, self.tta, batch_size),
+                                                       n_images=n_images)
+        probs = torch.softmax(logits, dim=1).numpy()
+        return probs, self.trust.apply(probs, features.numpy())
+
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
                          batch_size: int = 32) -> Iterator[dict]:
         """One record per image file (see :mod:`transferlab.prediction`); the next batch decodes in
@@ -93,7 +110,7 @@ class Run:
         decoded = iter_decoded(paths, self.preprocess, lookahead=2 * batch_size)
 
         def predict(images: list[torch.Tensor]):
-            return self.predict_tensors(images, batch_size, n_images=len(paths)).numpy()
+            return self.predict_outputs(images, batch_size, n_images=len(paths))
 
         return prediction.stream(paths, decoded, predict, self.classes, top_k, batch_size)
 

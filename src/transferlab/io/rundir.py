@@ -11,6 +11,9 @@ RUN_DIR/model.onnx          the exported model (fp32; model.int8.onnx quantized)
                             exported from which weights, int8 agreement and speed
 RUN_DIR/evaluations/<name>/ metrics.json, data_report.json, figures and a fingerprint of an ``evaluate``
 RUN_DIR/checkpoint/         state.json + state-<stage>-<epoch>.safetensors while training runs
+RUN_DIR/trust.json          the trust layer fitted on the validation split: temperature, unknown and
+                            prediction-set thresholds; known_features.safetensors: the training features
+                            "unknown" is measured against (:mod:`transferlab.trust`); reliability.png
 RUN_DIR/auto.json, auto.md  ``--strategy auto``: every candidate's cross-validation score and cost, the
                             finalists' validation scores, the choice and why; RUN_DIR/auto/<name>/ the
                             finalists that were not chosen (complete run directories)
@@ -60,6 +63,9 @@ ONNX_INT8_FILE = "model.int8.onnx"
 EXPORT_FILE = "export.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"
+TRUST_FILE = "trust.json"
+KNOWN_FEATURES_FILE = "known_features.safetensors"
+RELIABILITY_FIGURE = "reliability.png"
 AUTO_FILE = "auto.json"
 AUTO_MARKDOWN_FILE = "auto.md"
 AUTO_DIR = "auto"
@@ -148,6 +154,8 @@ class RunOutputs:
     history: list[dict]
     data_report: dict
     test_predictions: TestPredictions | None = None
+    trust: dict | None = None  # trust.json's record (transferlab.trust.model.Trust.record)
+    known_features: Any = None  # numpy float16 (n, features): the bank "unknown" is measured against
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -219,6 +227,9 @@ class RunDir:
         self.export = self.path / EXPORT_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_DIR
         self.checkpoint_state = self.checkpoint_dir / CHECKPOINT_STATE_FILE
+        self.trust = self.path / TRUST_FILE
+        self.known_features = self.path / KNOWN_FEATURES_FILE
+        self.reliability = self.path / RELIABILITY_FIGURE
         self.auto = self.path / AUTO_FILE
         self.auto_markdown = self.path / AUTO_MARKDOWN_FILE
         self.auto_dir = self.path / AUTO_DIR
@@ -236,8 +247,8 @@ class RunDir:
         """The files that make up the run itself (not its evaluations, checkpoint or auto search), config.json
         last: moving them in this order moves a complete run."""
         files = [self.model, self.backbone, self.test_predictions, self.history, self.metrics, self.data_report,
-                 self.confusion_matrix, self.class_distribution, self.training_curves, self.onnx, self.onnx_int8,
-                 self.export, self.config]
+                 self.confusion_matrix, self.class_distribution, self.training_curves, self.reliability,
+                 self.known_features, self.trust, self.onnx, self.onnx_int8, self.export, self.config]
         return files
 
     def is_finished(self) -> bool:
@@ -325,6 +336,30 @@ class RunDir:
         record.setdefault("files", {})[name] = entry
         write_json(self.export, record)
 
+    def read_trust(self, config: RunConfigRecord) -> tuple[dict, Any] | None:
+        """trust.json and its bank of training features (numpy), or None when the run has none; a record
+        made for other weights (the weights were replaced since) is ignored with a warning."""
+        import logging
+
+        if not self.trust.is_file():
+            return None
+        record = read_json(self.trust)
+        if not isinstance(record, dict) or record.get("weights") != self.weight_files(config):
+            logging.getLogger("transferlab").warning("%s: made for other weights; calibration, unknown and "
+                                                     "prediction sets are off", self.trust)
+            return None
+        if sha256_file(self.known_features) != record.get("known_features_sha256") \
+                if self.known_features.is_file() else True:
+            raise TransferlabError(f"{self.known_features}: missing, or its SHA-256 differs from trust.json")
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            bank = load_file(str(self.known_features))["features"]
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise TransferlabError(f"{self.known_features}: cannot read ({exc})") from None
+        return record, bank
+
     def weights_description(self, config: RunConfigRecord) -> str:
         """How to name the weights in an error: the one file, or the folder and its files."""
         files = self.weight_files(config)
@@ -351,7 +386,20 @@ class RunDir:
         config["model_sha256"] = sha256_file(self.model)
         if weight_files is not None:
             config["weight_files"] = {MODEL_FILE: config["model_sha256"], **weight_files}
+        self._write_trust(outputs, self.weight_files(config))
         write_json(self.config, config)
+
+    def _write_trust(self, outputs: RunOutputs, weights: dict) -> None:
+        for stale in (self.trust, self.known_features):
+            stale.unlink(missing_ok=True)
+        if outputs.trust is None:
+            return
+        from safetensors.numpy import save_file
+
+        with atomic_path(self.known_features) as tmp:
+            save_file({"features": outputs.known_features}, str(tmp))
+        write_json(self.trust, {**outputs.trust, "weights": weights,
+                                "known_features_sha256": sha256_file(self.known_features)})
 
     def _write_figures(self, outputs: RunOutputs, classes: list[str]) -> None:
         from ..plots import class_distribution_png, confusion_matrix_png, training_curves_png
@@ -360,6 +408,11 @@ class RunDir:
         class_distribution_png({k: v for k, v in outputs.data_report["counts"].items() if v}, self.class_distribution)
         if outputs.history:
             training_curves_png(outputs.history, self.training_curves)
+        self.reliability.unlink(missing_ok=True)
+        if outputs.metrics.get("calibration"):
+            from ..plots import reliability_png
+
+            reliability_png(outputs.metrics["calibration"], self.reliability)
 
     def _write_weights(self, state: dict[str, torch.Tensor],
                        shared_dir: str | os.PathLike | None) -> dict[str, str] | None:

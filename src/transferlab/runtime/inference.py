@@ -179,3 +179,55 @@ def predict_logits(model, images: list[torch.Tensor], policy: Policy, options: I
     outputs = [predict_in_batches(fn, images, preprocess, policy, options.batch_size,
                                   f"{desc} ({view})" if desc and options.tta else desc, view) for view in views]
     return average_views(outputs) if options.tta else outputs[0]
+
+
+class LogitsAndFeatures(nn.Module):
+    """A trained model's logits and pooled features from one forward pass, as one concatenated output
+    (so that every engine, ONNX Runtime's single-output runner included, runs it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.features(x)
+        return torch.cat([self.model.head(features).float(), features.float()], dim=1)
+
+
+# model -> its LogitsAndFeatures wrapper: one per model, so the engine's exported graph is re-used
+_JOINT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def predict_logits_and_features(model, images: list[torch.Tensor], policy: Policy,
+                                options: InferenceOptions | None = None, desc: str = "",
+                                n_images: int | None = None, engines: set[str] | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_logits` and the pooled features of the centre view (what an "unknown" score is
+    computed from) in the same pass; with ``options.tta`` the other views add their probabilities."""
+    if not images:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    options = options or InferenceOptions()
+    preprocess = model.backbone.preprocess
+    views = TTA_VIEWS if options.tta else ("center",)
+    total = (n_images if n_images is not None else len(images)) * len(views)
+    with _RUNNERS_LOCK:
+        joint = _JOINT.setdefault(model, LogitsAndFeatures(model))
+    fn = forward_fn(joint, policy, options.engine, preprocess.input_size, total)
+    if engines is not None:
+        engines.add(engine_of(fn))
+    both = predict_in_batches(fn, images, preprocess, policy, options.batch_size, desc)
+    n_classes = both.shape[1] - _feature_width(model)
+    logits, features = both[:, :n_classes], both[:, n_classes:]
+    if not options.tta:
+        return logits, features
+    plain = forward_fn(model, policy, options.engine, preprocess.input_size, total)
+    per_view = [logits] + [predict_in_batches(plain, images, preprocess, policy, options.batch_size, view=view)
+                           for view in views[1:]]
+    return average_views(per_view), features
+
+
+def _feature_width(model) -> int:
+    """The number of feature columns: the head's input width (its first Linear layer)."""
+    first = next(m for m in model.head.modules() if isinstance(m, nn.Linear))
+    return int(first.in_features)

@@ -27,8 +27,9 @@ log = logging.getLogger("transferlab")
 class OnnxClassifier:
     """Class probabilities for images from an exported transferlab model."""
 
-    def __init__(self, session, classes: list[str], preprocess: PreprocessConfig):
+    def __init__(self, session, classes: list[str], preprocess: PreprocessConfig, trust=None):
         self.session, self.classes, self.preprocess = session, list(classes), preprocess
+        self.trust = trust  # transferlab.trust.model.Trust or None
 
     @classmethod
     def from_run(cls, directory: str | os.PathLike) -> tuple[OnnxClassifier | None, str]:
@@ -56,12 +57,24 @@ class OnnxClassifier:
                          f"{run_dir.path}` again"
         if meta.get("classes") != config["classes"] or meta.get("preprocess") != config["preprocess"]:
             return None, f"{run_dir.onnx.name} does not match config.json's classes or preprocessing"
-        return cls(session, config["classes"], PreprocessConfig.from_dict(config["preprocess"])), ""
+        from ..trust.model import load_trust
+
+        return cls(session, config["classes"], PreprocessConfig.from_dict(config["preprocess"]),
+                   load_trust(run_dir, config)), ""
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities (n, classes) for decoded CHW uint8 images (short side = resize_size)."""
         probabilities = self.session.run(["probabilities"], {INPUT_NAME: eval_array(images, self.preprocess)})[0]
         return probabilities.astype(np.float32, copy=False)
+
+    def predict_outputs(self, images: list[np.ndarray]) -> tuple:
+        """(probabilities, :class:`~transferlab.trust.model.TrustedPredictions` or None), as
+        :meth:`transferlab.run.Run.predict_outputs`."""
+        if self.trust is None:
+            return self.predict_arrays(images), None
+        probs, features = self.session.run(["probabilities", "features"],
+                                           {INPUT_NAME: eval_array(images, self.preprocess)})
+        return probs.astype(np.float32, copy=False), self.trust.apply(probs, features)
 
     def iter_predictions(self, inputs: list[str | os.PathLike], top_k: int = 3,
                          batch_size: int = 32) -> Iterator[dict]:
@@ -69,4 +82,4 @@ class OnnxClassifier:
         prediction.check_prediction_options(top_k, batch_size)
         paths = prediction.expand_image_paths(inputs)
         decoded = stream(paths, lambda path: decode_array(path, self.preprocess), lookahead=2 * batch_size)
-        return prediction.stream(paths, decoded, self.predict_arrays, self.classes, top_k, batch_size)
+        return prediction.stream(paths, decoded, self.predict_outputs, self.classes, top_k, batch_size)

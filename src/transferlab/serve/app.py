@@ -72,8 +72,12 @@ class ServerState:
         self.worker = InferenceWorker(self._predict, self._explain, batch_size=settings.batch_size,
                                       wait_ms=settings.batch_wait_ms, queue_size=settings.queue_size)
 
-    def _predict(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.predictor.predict_arrays(images)
+    def _predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, dict]]:
+        """Per image: its probabilities (calibrated with a trust layer) and the fields the trust layer adds."""
+        probs, trusted = self.predictor.predict_outputs(images)
+        if trusted is None:
+            return [(p, {}) for p in probs]
+        return [(trusted.probs[i], trusted.fields(i, self.classes)) for i in range(len(probs))]
 
     def _explain(self, image: np.ndarray, label: str | None) -> bytes:
         return self.explainer.explain(image, label).overlay_png()
@@ -84,7 +88,16 @@ class ServerState:
                 "strategy": config["train"].get("strategy"), "accuracy": metrics.get("accuracy"),
                 "accuracy_ci95": metrics.get("accuracy_ci95"), "n_test": metrics.get("n_test"),
                 "report": "/report" if self.report_path() else None, "explain": self.explainer is not None,
-                "engine": type(self.predictor).__name__}
+                "engine": type(self.predictor).__name__, "trust": self.trust_info(metrics)}
+
+    def trust_info(self, metrics: dict) -> dict | None:
+        """What the page says about calibration, unknown and prediction sets (None: the run has none)."""
+        trust = self.predictor.trust
+        if trust is None:
+            return None
+        sets = metrics.get("prediction_sets", {})
+        return {"temperature": trust.temperature, "keep_known": trust.keep_known, "coverage": trust.coverage,
+                "test_coverage": sets.get("empirical_coverage"), "test_mean_set_size": sets.get("mean_set_size")}
 
     def report_path(self) -> Path | None:
         """The report of the experiment the run belongs to (EXP_DIR/runs/<run>/ -> EXP_DIR/report.html)."""
@@ -183,9 +196,13 @@ def _add_api(app, state: ServerState) -> None:
                 records.append({"path": upload.filename, "error": exc.detail})
         if not decoded:
             raise errors[0]
-        probs = iter(await _submit(state, "predict", decoded))
-        return [r if r is not None else prediction.record(upload.filename, next(probs), state.classes, top_k)
-                for upload, r in zip(file, records, strict=True)]
+        outputs = iter(await _submit(state, "predict", decoded))
+
+        def predicted(name: str) -> dict:
+            probs, added = next(outputs)
+            return prediction.record(name, probs, state.classes, top_k) | added
+
+        return [r if r is not None else predicted(upload.filename) for upload, r in zip(file, records, strict=True)]
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(file: UploadFile = File(...), label: str | None = Form(None)):  # noqa: B008

@@ -33,8 +33,8 @@ _STOP = object()
 
 
 class InferenceWorker:
-    """``predict(images) -> probabilities (n, classes)``; ``explain(image, label) -> anything``, both called
-    only from the worker thread."""
+    """``predict(images) -> one result per image`` (an array or a list: it is sliced per request);
+    ``explain(image, label) -> anything``, both called only from the worker thread."""
 
     def __init__(self, predict: Callable[[list[np.ndarray]], np.ndarray], explain: Callable | None = None, *,
                  batch_size: int = 16, wait_ms: float = 5.0, queue_size: int = 64):

@@ -36,7 +36,7 @@ from ..models.build import ModelSpec, build_model
 from ..models.preprocessing import TTA_VIEWS
 from ..provenance import seed_everything, versions
 from ..run import Run
-from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits
+from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits_and_features
 from ..runtime.precision import Policy, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
@@ -115,6 +115,8 @@ class Trainer:
         self.inputs: Inputs | None = None
         self.engines: set[str] = set()  # the inference engines that ran the backbone (metrics.json "inference")
         self.feature_counts = {"from_cache": 0, "computed": 0}
+        self.test_features: torch.Tensor | None = None
+        self.trust = None  # transferlab.trust.model.Trust, fitted on the validation split
 
     def run(self) -> Run:
         self.prepare()
@@ -123,6 +125,7 @@ class Trainer:
         self.inputs = self.load_inputs()
         self.fit()
         predictions = self.test()
+        self.fit_trust()
         return self.write(predictions)
 
     # ------------------------------------------------------------------------------------------- stages
@@ -198,9 +201,24 @@ class Trainer:
         self.timings.train_seconds = time.perf_counter() - self.timings.inputs_started
 
     def test(self) -> TestPredictions:
-        logits = self._test_logits()
+        logits, self.test_features = self._logits_and_features(self.inputs.test, desc="testing", record=True)
         probs = torch.softmax(logits, 1).numpy()
         return TestPredictions([str(s.path) for s in self.inputs.test.samples], self.inputs.test.labels.numpy(), probs)
+
+    def fit_trust(self) -> None:
+        """Calibration, the unknown threshold and prediction sets, fitted on the validation split with the
+        final model (off without one: the test split never fits anything)."""
+        from ..trust.model import Trust
+
+        val = self.inputs.val
+        if val is None or len(val) == 0:
+            log.info("no validation split: calibration, unknown detection and prediction sets are off "
+                     "(--val-size 0.15 turns them on)")
+            return
+        logits, features = self._logits_and_features(val, desc="calibrating")
+        _, train_features = self._logits_and_features(self.inputs.train, desc="known features", tta=False)
+        self.trust = Trust.fit(torch.softmax(logits, 1).numpy(), val.labels.numpy(), features.numpy(),
+                               train_features.numpy(), self.cfg.keep_known, self.cfg.coverage, self.cfg.seed)
 
     def write(self, predictions: TestPredictions) -> Run:
         classes = self.splits.classes
@@ -215,9 +233,15 @@ class Trainer:
             metrics["time_limit"] = {"seconds": self.cfg.time_limit or self.limit_seconds,
                                      "stopped_after": None if stopped is None
                                      else {"stage": stopped[0], "epoch": stopped[1]}}
+        trust_record = bank = None
+        if self.trust is not None:
+            trusted = self.trust.apply(predictions.probs, self.test_features.numpy())
+            metrics |= self.trust.test_report(predictions.probs, predictions.y_true, trusted, self.cfg.seed)
+            trust_record, bank = self.trust.record(), self.trust.knn.bank.astype("float16")
+            self._log_trust(metrics)
         metrics["total_seconds"] = round(time.perf_counter() - self.timings.started, 3)
         outputs = RunOutputs(self.model.state_dict(), self._config_record(), metrics, self.history,
-                             self._data_report(), predictions)
+                             self._data_report(), predictions, trust_record, bank)
         self.run_dir.write(outputs, shared_dir=self.shared_dir)
         remove_checkpoint(self.run_dir)
         config = self.run_dir.read_config()
@@ -226,6 +250,14 @@ class Trainer:
         log.info("test accuracy %.4f (95%% CI %.3f-%.3f), macro F1 %.4f; run written to %s", metrics["accuracy"],
                  *metrics["accuracy_ci95"], metrics["f1"], self.run_dir.path)
         return Run(self.run_dir.path, config, self.model, self.policy)
+
+    @staticmethod
+    def _log_trust(metrics: dict) -> None:
+        c, u, s = metrics["calibration"], metrics["unknown"], metrics["prediction_sets"]
+        log.info("calibration (test): temperature %.3f, ECE %.4f -> %.4f; unknown: %.1f%% of test images kept "
+                 "(target %.0f%%); prediction sets at %.0f%%: coverage %.3f, mean size %.2f", c["temperature"],
+                 c["ece_before"], c["ece_after"], 100 * u["known_kept"], 100 * u["keep_known"],
+                 100 * s["coverage"], s["empirical_coverage"], s["mean_set_size"])
 
     def _testing_reserve(self, epoch_seconds: float) -> float:
         """Time to keep for testing after an epoch of ``epoch_seconds``: a forward pass costs about a third
@@ -352,20 +384,25 @@ class Trainer:
                         lambda: self.strategy.set_train_mode(model), cfg.seed)
 
     @torch.no_grad()
-    def _test_logits(self) -> torch.Tensor:
-        """A strategy that trains on pixels runs the whole model on the decoded test images; a frozen one
-        applies its head to cached features (one feature set per view with ``--tta``)."""
-        model, cfg, test = self.model, self.cfg, self.inputs.test
+    def _logits_and_features(self, split: SplitData, desc: str = "", tta: bool | None = None,
+                             record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final model's logits and centre-view pooled features for a split. A strategy that trains on
+        pixels runs the whole model on the decoded images; a frozen one applies its head to cached features
+        (one feature set per view with ``--tta``). ``record``: count the engines and cache use in
+        metrics.json's ``inference`` (the test split's)."""
+        model, cfg = self.model, self.cfg
+        tta = cfg.tta if tta is None else tta
         model.eval()
         if self.strategy.uses_pixels:
-            return predict_logits(model, test.images, self.policy, InferenceOptions(cfg.engine, cfg.tta),
-                                  desc="testing", engines=self.engines)
-        per_view = [test.features]
-        for view in TTA_VIEWS[1:] if cfg.tta else ():
-            found = self._extract_for_test(test.samples, view=view).features
-            per_view.append(torch.stack([found[s] for s in test.samples]))
+            return predict_logits_and_features(model, split.images, self.policy, InferenceOptions(cfg.engine, tta),
+                                               desc=desc, engines=self.engines if record else None)
+        per_view = [split.features]
+        for view in TTA_VIEWS[1:] if tta else ():
+            found = (self._extract_for_test(split.samples, view=view) if record
+                     else self.extractor.extract(split.samples, view=view)).features
+            per_view.append(torch.stack([found[s] for s in split.samples]))
         logits = [model.head(f.to(self.policy.device)).float().cpu() for f in per_view]
-        return average_views(logits) if cfg.tta else logits[0]
+        return (average_views(logits) if tta else logits[0]), split.features.float().cpu()
 
     def _extract_for_test(self, samples: list[Sample], **options):
         """Frozen features that the test predictions come from, with a record of what computed them."""
