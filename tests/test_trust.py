@@ -249,3 +249,14 @@ def test_the_web_app_adds_the_trust_fields(trusted_run):
         info = client.get("/info").json()
     assert record.keys() == BASE_FIELDS | TRUST_FIELDS
     assert info["trust"]["coverage"] == 0.9 and info["trust"]["keep_known"] == 0.95
+
+
+def test_the_experiment_report_shows_each_runs_calibration(tmp_path):
+    from transferlab.api import run_experiment
+
+    data = make_class_folders(tmp_path / "data", per_class=12)
+    options = {k: v for k, v in TINY.items() if k != "backbone"} | {"val_size": 0.3}
+    result = run_experiment(data, tmp_path / "exp", strategies="freeze", optimizers="adam", heads="0",
+                            backbones=TINY["backbone"], epochs=2, options=options, audit=False)
+    page = (tmp_path / "exp" / "report.html").read_text()
+    assert result.directory and "reliability diagram" in page and "after temperature scaling" in page

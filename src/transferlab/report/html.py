@@ -87,8 +87,10 @@ def _per_run(results: dict) -> list[dict]:
             uri = data_uri(run_dir.evaluation(d).confusion_matrix)
             if uri:
                 evals.append({"name": d, "uri": uri})
+        calibration = (run_dir.read_metrics() or {}).get("calibration")
         out.append({"run": r, "confusion": data_uri(run_dir.confusion_matrix),
-                    "curves": data_uri(run_dir.training_curves), "evals": evals})
+                    "curves": data_uri(run_dir.training_curves), "evals": evals,
+                    "reliability": data_uri(run_dir.reliability), "calibration": calibration})
     return out
 
 
