@@ -10,7 +10,7 @@ export TRANSFERLAB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite,demo,serve]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite,demo,serve,tensorboard,mlflow]"
 	touch $(STAMP)
 
 install: $(STAMP)

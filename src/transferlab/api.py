@@ -30,7 +30,7 @@ def load_run(directory: str | os.PathLike, precision: str = "auto", device: str 
 
 def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "run",
           config: TrainConfig | None = None, *, resume: bool = False, callbacks=(), export: bool = True,
-          **options):
+          track=None, **options):
     """Train a classifier on an image folder and write a run directory.
 
     ``options`` are :class:`TrainConfig` fields (``strategy="freeze"``, ``head="512x128"``, ...) and
@@ -38,8 +38,13 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     :mod:`transferlab.auto.search`); the backbone, image size or head given here fix that axis of the search.
     ``callbacks``: extra :class:`~transferlab.training.loop.Callback` objects for every
     training stage (a tracker, gradient clipping). ``export``: also write RUN_DIR/model.onnx, which
-    ``predict`` runs without torch. Returns the trained :class:`~transferlab.run.Run`.
+    ``predict`` runs without torch. ``track``: ``"tensorboard"``, ``"mlflow"``, ``"mlflow=URI"`` (or a list):
+    mirror the run there (:mod:`transferlab.tracking`; not part of the run's identity). Returns the trained
+    :class:`~transferlab.run.Run`.
     """
+    from pathlib import Path
+
+    from .tracking import open_tracking
     from .training.trainer import Trainer
 
     unknown = sorted(set(options) - set(TrainConfig.field_names()))
@@ -48,19 +53,25 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     cfg = (config or TrainConfig()).replace(**options)
-    if cfg.strategy == "auto":
-        from .auto.search import AutoSearch
+    tracking = open_tracking(track, out)
+    with tracking.run(Path(out).resolve().name, cfg) as tracked:
+        every = [*callbacks, *tracked.callbacks]
+        if cfg.strategy == "auto":
+            from .auto.search import AutoSearch
 
-        defaults = TrainConfig()
-        given = set(options) | {name for name in TrainConfig.field_names()
-                                if config is not None and getattr(config, name) != getattr(defaults, name)}
-        return AutoSearch(cfg, out, given=given, callbacks=callbacks, export=export).run()
-    return Trainer(cfg, out, resume=resume, callbacks=callbacks, export=export).run()
+            defaults = TrainConfig()
+            given = set(options) | {name for name in TrainConfig.field_names()
+                                    if config is not None and getattr(config, name) != getattr(defaults, name)}
+            run = AutoSearch(cfg, out, given=given, callbacks=every, export=export).run()
+        else:
+            run = Trainer(cfg, out, resume=resume, callbacks=every, export=export).run()
+        tracked.finished(run.directory)
+    return run
 
 
 def evaluate(run, data_dir: str | os.PathLike, out: str | os.PathLike | None = None, **options) -> dict:
     """Evaluate a run (a :class:`~transferlab.run.Run` or its directory) on another image folder; ``options``:
-    ``class_map``, ``strict``, ``tta``, ``engine`` (see :func:`transferlab.evaluation.evaluate`)."""
+    ``class_map``, ``strict``, ``tta``, ``engine``, ``unknown_dir`` (see :func:`transferlab.evaluation.evaluate`)."""
     from .evaluation import evaluate as evaluate_run
 
     return evaluate_run(run, data_dir, out, **options)
@@ -135,7 +146,7 @@ def audit(data_dir: str | os.PathLike, out: str | os.PathLike = "audit", *, fold
 
 
 def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-                   render: bool = True, **spec):
+                   render: bool = True, shard=None, track=None, **spec):
     """Train every combination of a grid, evaluate each run on the ``eval_on`` folders, compute the
     reference rows and the leakage check (:mod:`transferlab.experiment`), then write results.csv,
     results.md, the charts and report.html (:mod:`transferlab.report`).
@@ -143,6 +154,9 @@ def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.Path
     ``spec``: the fields of :class:`~transferlab.experiment.spec.ExperimentSpec` (``strategies``,
     ``optimizers``, ``heads``, ``backbones``, ``seeds`` as lists or comma-separated strings; ``eval_on``,
     ``epochs``, ``class_map``, ``question``, ``options`` = further TrainConfig fields, ...).
+    ``shard``: ``"K/N"``, train only worker K's share (:mod:`transferlab.experiment.shard`); the results and the
+    report are written by the worker that finds the whole grid finished. ``track``: as for :func:`train`, one
+    MLflow experiment (or TensorBoard folder per run) for the grid.
     Returns an :class:`~transferlab.experiment.runner.ExperimentResult`.
     """
     from .experiment.runner import run_grid
@@ -152,7 +166,9 @@ def run_experiment(data_dir: str | os.PathLike | None = None, out: str | os.Path
     from .report.write import write_results
 
     experiment = ExperimentSpec.create(data_dir, out, **spec)
-    result = run_grid(experiment)
+    result = run_grid(experiment, shard=shard, track=track)
+    if result.waiting:  # a shard whose siblings are still training
+        return result
     if experiment.audit:
         from .report.audit import render_audit
 

@@ -59,6 +59,15 @@ def _add_recipe_options(add) -> None:
         help="smallest area fraction of the random resized crop (0.35)")
 
 
+def _add_trust_options(add) -> None:
+    """What a validation split is used for besides model selection (transferlab.trust)."""
+    S = argparse.SUPPRESS
+    add("--keep-known", type=float, default=S, metavar="SHARE",
+        help="with a validation split: the unknown threshold keeps this share of known images (0.95)")
+    add("--coverage", type=float, default=S, metavar="LEVEL",
+        help="with a validation split: prediction sets contain the true class with this probability (0.9)")
+
+
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     # Defaults are None here so that options given with --config can be told apart; TrainConfig owns
     # the real defaults (listed in the README). ``skip``: options another subcommand replaces (a grid).
@@ -100,6 +109,7 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
     add("--no-augment", dest="augment", action="store_false", default=S,
         help="no random resized crop + flip (nor --augment-policy) while fine-tuning")
     _add_recipe_options(add)
+    _add_trust_options(add)
     add("--test-size", type=float, default=S, help="test fraction when DATA_DIR has no test folder (0.2)")
     add("--val-size", type=float, default=S,
         help="validation fraction carved from train for model selection (0: fixed schedule, keep last epoch)")
@@ -135,8 +145,16 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.json of an earlier run to re-create (options given here override)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (re-running the "
                    "same command without it resumes too; with it, a missing checkpoint is an error)")
+    _add_track_option(p, "OUT/tensorboard; mlflow: sqlite:///OUT/mlruns.db")
     _add_train_options(p)
     return p
+
+
+def _add_track_option(p: argparse.ArgumentParser, defaults: str) -> None:
+    p.add_argument("--track", action="append", metavar="TRACKER",
+                   help="also log to tensorboard[=DIR] or mlflow[=URI] (repeatable; the extras "
+                        "transferlab[tensorboard], transferlab[mlflow]); default locations: tensorboard: "
+                        f"{defaults}. A tracker that fails is one warning: the run directory stays complete")
 
 
 def _add_evaluate(sub) -> argparse.ArgumentParser:
@@ -148,6 +166,8 @@ def _add_evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation (default: as trained)")
     p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--unknown", metavar="DIR", help="a folder of images of none of the classes: AUROC of the unknown "
+                   "score and the share flagged (needs a run trained with a validation split)")
     return p
 
 
@@ -219,6 +239,11 @@ def _add_experiment(sub) -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=_duration, metavar="DURATION",
                    help="e.g. 1h: no run starts that would not end in time, a running one stops cleanly; the rest "
                         "are trained when the same command runs again")
+    p.add_argument("--shard", metavar="K/N",
+                   help="train only worker K's share of the grid (K = 1..N; a stable split by run hash) in a shared "
+                        "EXP_DIR; the last worker to finish writes the results (or: transferlab report EXP_DIR)")
+    _add_track_option(p, "EXP_DIR/tensorboard/<run>; mlflow: sqlite:///EXP_DIR/mlruns.db, one MLflow experiment, "
+                         "a run per grid entry")
     _add_train_options(p, skip=("--strategy", "--optimizer", "--head", "--backbone", "--seed", "--time-limit"))
     return p
 
@@ -270,7 +295,23 @@ def _summary(metrics: dict) -> str:
              f"precision {metrics['precision']:.4f}", f"recall {metrics['recall']:.4f}", f"f1 {metrics['f1']:.4f}"]
     if metrics.get("roc_auc") is not None:
         parts.append(f"roc_auc {metrics['roc_auc']:.4f}")
-    return ", ".join(parts) + f" on {metrics['n_test']} test images"
+    return ", ".join(parts) + f" on {metrics['n_test']} test images" + _trust_summary(metrics)
+
+
+def _trust_summary(metrics: dict) -> str:
+    """The trust layer's figures on the same images (empty without one)."""
+    if "calibration" not in metrics:
+        return ""
+    c, u, s = metrics["calibration"], metrics["unknown"], metrics["prediction_sets"]
+    lines = [f"calibrated: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}",
+             f"unknown: {100 * u['known_kept']:.1f}% of these images kept as known (threshold set to keep "
+             f"{100 * u['keep_known']:.0f}%)",
+             f"prediction sets at {100 * s['coverage']:.0f}%: coverage {s['empirical_coverage']:.3f}, mean size "
+             f"{s['mean_set_size']:.2f}"]
+    if "auroc" in u:
+        lines.append(f"--unknown {u['unknown_dir']}: {100 * u['unknown_flagged']:.1f}% of {u['n_unknown']} images "
+                     f"flagged, AUROC {u['auroc']:.4f}")
+    return "".join(f"\n{line}" for line in lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -289,7 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(saved["train"])
     elif not args.data_dir:
         raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
-    run = train(args.data_dir, out=args.out, config=config, resume=args.resume, **options)
+    run = train(args.data_dir, out=args.out, config=config, resume=args.resume, track=args.track, **options)
     auto = RunDir(run.directory).auto
     if auto.is_file():
         record = read_json(auto)
@@ -303,7 +344,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
 
     metrics = evaluate(args.run_dir, args.data_dir, out=args.out, class_map=args.class_map, strict=args.strict,
-                       tta=args.tta, engine=args.engine)
+                       tta=args.tta, engine=args.engine, unknown_dir=args.unknown)
     print(_summary(metrics))
     return 0
 
@@ -316,12 +357,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                tta=args.tta)
     rows = predictor.iter_predictions(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     top_k = min(args.top_k, len(predictor.classes))
+    trusted = predictor.trust is not None
     if args.format == "csv":
-        print(",".join(csv_header(top_k)), flush=True)
+        print(",".join(csv_header(top_k, trusted)), flush=True)
     failed, kept = 0, []
     for row in rows:
         failed += "error" in row
-        print(csv_line(row, top_k) if args.format == "csv" else json.dumps(row, ensure_ascii=False), flush=True)
+        print(csv_line(row, top_k, trusted) if args.format == "csv" else json.dumps(row, ensure_ascii=False),
+              flush=True)
         if args.gradcam:
             kept.append(row)
     if args.gradcam:
@@ -394,7 +437,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if "epochs" in options:
         kwargs["epochs"] = options.pop("epochs")
     kwargs["options"] = {**kwargs.get("options", {}), **options}
-    result = run_experiment(command=command_line(getattr(args, "argv", sys.argv[1:])), **kwargs)
+    # experiment.json records the command that makes the whole grid: without this worker's --shard
+    argv = _without_option(getattr(args, "argv", sys.argv[1:]), "--shard")
+    result = run_experiment(command=command_line(argv), shard=args.shard, track=args.track, **kwargs)
+    if result.waiting:
+        print(f"shard {result.shard}: {result.trained} run(s) trained, {result.skipped} skipped; {result.waiting} "
+              f"run(s) of other shards not finished: the last worker writes the results (or: transferlab report "
+              f"{result.directory})")
+        return 0
     best = result.best
     if best:
         m = best["datasets"][TEST]
@@ -405,6 +455,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     exp = ExperimentDir(result.directory)
     print(f"results: {exp.results_csv}, {exp.results_markdown.name}; report: {result.report}")
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -100,6 +100,8 @@ class TrainConfig:
     test_size: float = 0.2
     val_size: float | None = None  # None: data.heldout.default_val_size (0.15 for auto, else 0)
     patience: int | None = None
+    keep_known: float = 0.95  # with a validation split: share of known images the unknown threshold keeps
+    coverage: float = 0.9  # with a validation split: probability that a prediction set holds the true class
     time_limit: float | None = None  # seconds for the whole run (auto: the search and the final training)
     seed: int = 0
     strict: bool = False
@@ -171,5 +173,6 @@ RANGES: dict[str, Range] = {
     "layer_decay": Range(0.0, 1.0, low_open=True), "ema": Range(0.0, 1.0, high_open=True), "mixup": Range(0.0),
     "cutmix": Range(0.0), "crop_scale": Range(0.0, 1.0, low_open=True),
     "epochs": Range(0),  # the lower bound depends on the strategy (MIN_EPOCHS); validate() fills it in
-    "image_size": Range(32, 1024), "patience": Range(1), "time_limit": Range(0.0, low_open=True),
+    "image_size": Range(32, 1024), "patience": Range(1), "keep_known": Range(0.0, 1.0, low_open=True, high_open=True),
+    "coverage": Range(0.0, 1.0, low_open=True, high_open=True), "time_limit": Range(0.0, low_open=True),
 }

@@ -8,11 +8,15 @@ Cache layout: ``CACHE_DIR/features/<model key>/<ab>/<image digest>.npy``, where 
 of everything that changes a feature (backbone name, its weights' bytes, preprocessing, pooling,
 precision, library versions) and the image digest a hash of the file's bytes. A changed image or key part
 therefore misses the cache; stale entries are simply never read again. Each entry is written atomically,
-so concurrent runs sharing a cache are safe (they write identical bytes).
+so concurrent runs sharing a cache are safe (they write identical bytes). Atomic writes alone would still let
+two processes (the workers of a sharded experiment) compute the same features at the same time, so computing
+the misses of one model key holds ``CACHE_DIR/features/<model key>/.lock`` (:mod:`transferlab.io.lock`): the
+second process waits, then reads what the first one wrote and computes only what is still missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +36,7 @@ from .data.images import collect_decoded, iter_decoded
 from .errors import TransferlabError
 from .io.digest import file_digest
 from .io.files import atomic_path
+from .io.lock import file_lock
 from .progress import progress_bar
 from .provenance import result_versions
 from .runtime.inference import engine_of, forward_fn, predict_in_batches
@@ -97,6 +102,16 @@ class FeatureCache:
 
     def _path(self, key: str, digest: str) -> Path:
         return self.root / key / digest[:2] / f"{digest}.npy"
+
+    @contextlib.contextmanager
+    def computing(self, key: str):
+        """Hold the lock of ``key`` while its missing entries are computed (nothing without a cache, or where
+        the lock file cannot be created: a read-only cache stores nothing another process could reuse)."""
+        with contextlib.ExitStack() as stack:
+            if self.root is not None:
+                with contextlib.suppress(OSError):
+                    stack.enter_context(file_lock(self.root / key / ".lock"))
+            yield
 
     @classmethod
     def _remember(cls, path: Path, vector: torch.Tensor) -> None:
@@ -189,8 +204,13 @@ class FeatureExtractor:
         todo = self._lookup(samples, key, result)
         result.hits = len(result.features)
         if todo:
-            self._compute(todo, key, result, images, strict, view)
-            result.misses = len(result.features) - result.hits
+            with self.cache.computing(key):
+                if self.cache.root is not None:  # another process may have computed them while we waited
+                    todo = self._lookup(list(todo), key, result)
+                    result.hits = len(result.features)
+                if todo:
+                    self._compute(todo, key, result, images, strict, view)
+        result.misses = len(result.features) - result.hits
         if self.cache.root is not None:
             log.info("features%s: %d from cache, %d computed", "" if view == "center" else f" ({view})",
                      result.hits, result.misses)

@@ -61,6 +61,11 @@ class RunSpec:
     config: TrainConfig  # resolved
     axes: dict = field(default_factory=dict)
 
+    @property
+    def hash(self) -> str:
+        """The run's hash (:func:`run_hash`), the last part of its name."""
+        return self.name.rsplit("-", 1)[-1]
+
     def to_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "group": self.group, "seed": self.config.seed,
                 "axes": self.axes}

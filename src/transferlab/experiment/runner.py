@@ -3,6 +3,12 @@
 
 Runs whose directory is complete are skipped, so re-running the same command trains only what is
 missing; an evaluation is redone only when its folder's fingerprint or the class map changed.
+
+With a shard (:mod:`~transferlab.experiment.shard`) this process trains only its share; the experiment-wide
+steps (references, audit, then results and report.html) are done by the worker that finds every run of the
+grid finished when its own are, i.e. the last one to finish (two finishing together both write the same files,
+atomically). With ``track`` every run trained here is mirrored to TensorBoard or MLflow
+(:mod:`transferlab.tracking`).
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ from ..data.discovery import discover, discover_evaluation
 from ..evaluation import evaluate, labelled_for_model
 from ..io.expdir import ExperimentDir
 from ..io.files import check_writable_dir, write_json
+from ..io.lock import file_lock
 from ..io.rundir import RunDir
 from ..options import parse_duration
 from ..progress import bars_enabled, progress_bar
 from ..provenance import environment
 from ..run import Run
 from ..runtime.precision import resolve_policy
+from ..tracking import Tracking, open_tracking
 from ..training.trainer import Trainer
 from .grid import RunSpec, data_fingerprint
 from .references import compute_references
+from .shard import Shard
 from .spec import ExperimentPlan, ExperimentSpec
 
 log = logging.getLogger("transferlab")
@@ -41,49 +50,92 @@ class ExperimentResult:
     not_started: int = 0  # runs left for the next call by the time limit
     results: dict | None = None  # what the report module collected and wrote (transferlab.report.write)
     report: Path | None = None
+    shard: Shard | None = None
+    waiting: int = 0  # a shard's: runs of other shards not finished yet (no results nor report written)
 
     @property
     def best(self) -> dict | None:
         return self.results["best"] if self.results else None
 
 
-def run_grid(spec: ExperimentSpec) -> ExperimentResult:
-    """Train, evaluate and compute references for every run of ``spec``; write experiment.json first."""
+def run_grid(spec: ExperimentSpec, *, shard: Shard | str | None = None, track=None) -> ExperimentResult:
+    """Train, evaluate and compute references for every run of ``spec`` (``shard``: this worker's share, e.g.
+    ``"2/4"``); write experiment.json first. ``track``: ``--track`` values (see :mod:`transferlab.tracking`)."""
     plan = spec.plan()
+    shard = Shard.parse(shard) if shard is not None else None
     if plan.evals:  # fail now, not after the first run: every --eval-on class must be one of the training classes
         classes = discover(plan.base.data_dir, plan.base.test_dir, plan.base.labels).classes
         for _, path in plan.evals:
             labelled_for_model(discover_evaluation(path)[0], classes, plan.class_map, f"--eval-on {path}",
                                "the training classes")
     exp = ExperimentDir(check_writable_dir(spec.out))
+    tracking = open_tracking(track, exp.path, experiment=True)  # a missing extra fails before any training
     write_json(exp.experiment, _experiment_record(plan))
-    n = len(plan.runs)
-    log.info("experiment: %d run(s) in %s", n, exp.runs)
-    trained = skipped = 0
+    runs = shard.select(plan.runs) if shard is not None else plan.runs
+    log.info("experiment: %d run(s) in %s%s", len(runs), exp.runs,
+             f" (shard {shard}: its share of the grid's {len(plan.runs)})" if shard is not None else "")
     clock = _Clock(parse_duration(spec.time_limit) if spec.time_limit is not None else None)
     with _redirect_logging(bars_enabled()):
-        bar = progress_bar(plan.runs, total=n, desc="runs", leave=True)
-        for k, run_spec in enumerate(bar, 1):
-            if hasattr(bar, "set_description"):
-                bar.set_description(f"run {k}/{n}")
-            if not exp.run(run_spec.name).is_finished() and not clock.allows_another():
-                log.info("run %d/%d %s: not started (time limit; the same command trains it later)", k, n,
-                         run_spec.name)
-                continue
-            run_started = time.perf_counter()
-            trained_now = _train_once(exp, run_spec, f"run {k}/{n}", clock.deadline)
-            trained, skipped = trained + trained_now, skipped + (not trained_now)
-            _evaluate_run(exp.run(run_spec.name), plan, trained_now)
-            if trained_now:
-                clock.ran(time.perf_counter() - run_started)
-    not_started = n - trained - skipped
+        trained, skipped = _run_all(exp, plan, runs, clock, tracking)
+    not_started = len(runs) - trained - skipped
     log.info("experiment: %d trained, %d skipped (finished earlier), %d not started in %.1fs", trained, skipped,
              not_started, time.perf_counter() - clock.started)
+    waiting = sum(not exp.run(r.name).is_finished() for r in plan.runs) if shard is not None else 0
+    if waiting:
+        log.info("shard %s: done; %d run(s) of other shards not finished yet: the last worker to finish writes "
+                 "the results and report.html (or, once they are: transferlab report %s)", shard, waiting, exp.path)
+        return ExperimentResult(exp.path, trained, skipped, not_started, shard=shard, waiting=waiting)
     compute_references(exp.path)
     if spec.audit:
         # the grid's first backbone, like the reference rows: its features are in the cache already
         run_audit(plan.base.replace(backbone=plan.grid["backbones"][0]), exp.audit)
-    return ExperimentResult(exp.path, trained, skipped, not_started)
+    return ExperimentResult(exp.path, trained, skipped, not_started, shard=shard)
+
+
+def _run_all(exp: ExperimentDir, plan: ExperimentPlan, runs: list[RunSpec], clock: _Clock,
+             tracking: Tracking) -> tuple[int, int]:
+    """Train (or skip) and evaluate each of ``runs`` in turn; returns (trained, skipped)."""
+    outcomes = []
+    bar = progress_bar(runs, total=len(runs), desc="runs", leave=True)
+    for k, run_spec in enumerate(bar, 1):
+        where = f"run {k}/{len(runs)}"
+        if hasattr(bar, "set_description"):
+            bar.set_description(where)
+        outcomes.append(_one_run(exp, plan, run_spec, where, clock, tracking))
+    return outcomes.count("trained"), outcomes.count("skipped")
+
+
+def _one_run(exp: ExperimentDir, plan: ExperimentPlan, run_spec: RunSpec, where: str, clock: _Clock,
+             tracking: Tracking) -> str:
+    """Train one run; returns "trained", "skipped" (finished earlier: evaluated if out of date) or "left" (the
+    time limit, or another process holds the run's lock: two processes never train one run at once)."""
+    run_dir = exp.run(run_spec.name)
+    if run_dir.is_finished():
+        log.info("%s %s: finished earlier, skipped", where, run_spec.name)
+        _evaluate_run(run_dir, plan, False)
+        return "skipped"
+    if not clock.allows_another():
+        log.info("%s %s: not started (time limit; the same command trains it later)", where, run_spec.name)
+        return "left"
+    started = time.perf_counter()
+    with file_lock(exp.run_lock(run_spec.name), blocking=False) as mine:
+        if not mine:
+            log.info("%s %s: being trained by another process, left to it", where, run_spec.name)
+            return "left"
+        if run_dir.is_finished():  # that process finished it while we looked
+            return "skipped"
+        with tracking.run(run_spec.name, run_spec.config, _tags(exp, run_spec)) as tracked:
+            _train_once(exp, run_spec, where, clock.deadline, tracked.callbacks)
+            _evaluate_run(run_dir, plan, True)
+            tracked.finished(run_dir.path)
+    clock.ran(time.perf_counter() - started)
+    return "trained"
+
+
+def _tags(exp: ExperimentDir, run_spec: RunSpec) -> dict[str, str]:
+    """A tracked run's configuration: the grid axes, its label and group, and the experiment folder."""
+    return {**{k: str(v) for k, v in run_spec.axes.items()}, "transferlab.label": run_spec.label,
+            "transferlab.group": run_spec.group, "transferlab.experiment": str(exp.path.resolve())}
 
 
 class _Clock:
@@ -123,18 +175,15 @@ def _experiment_record(plan: ExperimentPlan) -> dict:
     }
 
 
-def _train_once(exp: ExperimentDir, run_spec: RunSpec, where: str, deadline: float | None = None) -> bool:
-    """Train the run unless its directory is complete; returns whether it trained."""
+def _train_once(exp: ExperimentDir, run_spec: RunSpec, where: str, deadline: float | None = None,
+                callbacks=()) -> None:
+    """Train the run (an interrupted one resumes from its checkpoint)."""
     run_dir = exp.run(run_spec.name)
-    if run_dir.is_finished():
-        log.info("%s %s: finished earlier, skipped", where, run_spec.name)
-        return False
     log.info("%s %s: training (%s)", where, run_spec.name, run_spec.label)
     t0 = time.perf_counter()
-    run = Trainer(run_spec.config, run_dir.path, shared_dir=exp.shared, deadline=deadline).run()
+    run = Trainer(run_spec.config, run_dir.path, shared_dir=exp.shared, deadline=deadline, callbacks=callbacks).run()
     log.info("%s %s: test accuracy %.4f (%.1fs)", where, run_spec.name, run.metrics["accuracy"],
              time.perf_counter() - t0)
-    return True
 
 
 def _evaluate_run(run_dir: RunDir, plan: ExperimentPlan, retrained: bool) -> None:

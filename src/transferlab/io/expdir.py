@@ -7,6 +7,8 @@
     EXP_DIR/results.csv, results.md, comparison.png (comparison_<dataset>.png per --eval-on folder),
     EXP_DIR/class_distribution.png, report.html
     EXP_DIR/audit/                   the data audit of the experiment's data (an AuditDir)
+    EXP_DIR/locks/<name>.lock        held while a process trains that run (io/lock.py; empty files)
+    EXP_DIR/mlruns.db, mlartifacts/, tensorboard/<name>/   --track's default stores (transferlab.tracking)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ RESULTS_MARKDOWN = "results.md"
 CLASS_DISTRIBUTION_FIGURE = "class_distribution.png"
 REPORT_FILE = "report.html"
 AUDIT_DIR = "audit"
+LOCKS_DIR = "locks"
 TEST = "test"  # the dataset name of every run's own test split
 
 
@@ -42,9 +45,13 @@ class ExperimentDir:
         self.class_distribution = self.path / CLASS_DISTRIBUTION_FIGURE
         self.report = self.path / REPORT_FILE
         self.audit = self.path / AUDIT_DIR
+        self.locks = self.path / LOCKS_DIR
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.runs / name)
+
+    def run_lock(self, name: str) -> Path:
+        return self.locks / f"{name}.lock"
 
     @staticmethod
     def comparison_name(dataset: str) -> str:
