@@ -40,11 +40,13 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     training stage (a tracker, gradient clipping). ``export``: also write RUN_DIR/model.onnx, which
     ``predict`` runs without torch. ``track``: ``"tensorboard"``, ``"mlflow"``, ``"mlflow=URI"`` (or a list):
     mirror the run there (:mod:`transferlab.tracking`; not part of the run's identity). Returns the trained
-    :class:`~transferlab.run.Run`.
+    :class:`~transferlab.run.Run`; under torchrun (:mod:`transferlab.training.distributed`) every process
+    calls this, rank 0 gets the Run and the others None.
     """
     from pathlib import Path
 
     from .tracking import open_tracking
+    from .training.distributed import check_supported, from_environment
     from .training.trainer import Trainer
 
     unknown = sorted(set(options) - set(TrainConfig.field_names()))
@@ -53,6 +55,9 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     cfg = (config or TrainConfig()).replace(**options)
+    check_supported(cfg)
+    if not from_environment().is_main:  # under torchrun rank 0 alone reports to trackers
+        track = None
     tracking = open_tracking(track, out)
     with tracking.run(Path(out).resolve().name, cfg) as tracked:
         every = [*callbacks, *tracked.callbacks]
@@ -65,7 +70,8 @@ def train(data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "r
             run = AutoSearch(cfg, out, given=given, callbacks=every, export=export).run()
         else:
             run = Trainer(cfg, out, resume=resume, callbacks=every, export=export).run()
-        tracked.finished(run.directory)
+        if run is not None:
+            tracked.finished(run.directory)
     return run
 
 

@@ -331,6 +331,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif not args.data_dir:
         raise TransferlabError("train: give DATA_DIR, or --config RUN_DIR/config.json")
     run = train(args.data_dir, out=args.out, config=config, resume=args.resume, track=args.track, **options)
+    if run is None:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     auto = RunDir(run.directory).auto
     if auto.is_file():
         record = read_json(auto)

@@ -198,13 +198,15 @@ class FeatureExtractor:
         self.model, self.policy, self.cache, self.engine, self.batch_size = model, policy, cache, engine, batch_size
 
     def extract(self, samples: list[Sample], images: dict[Sample, torch.Tensor] | None = None,
-                strict: bool = False, view: str = "center") -> FeatureResult:
+                strict: bool = False, view: str = "center", lock: bool = True) -> FeatureResult:
+        """Features of ``samples`` (cached ones read, the rest computed and cached). ``lock`` False: compute
+        without holding the model key's lock (the processes of one DDP training share out disjoint samples)."""
         key = model_key(self.model, self.policy, view) if self.cache.root is not None else ""
         result = FeatureResult({})
         todo = self._lookup(samples, key, result)
         result.hits = len(result.features)
         if todo:
-            with self.cache.computing(key):
+            with self.cache.computing(key) if lock else contextlib.nullcontext():
                 if self.cache.root is not None:  # another process may have computed them while we waited
                     todo = self._lookup(list(todo), key, result)
                     result.hits = len(result.features)

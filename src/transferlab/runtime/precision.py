@@ -13,7 +13,7 @@ from ..options import DEVICES, PRECISIONS
 
 @dataclass(frozen=True)
 class Policy:
-    device: str
+    device: str  # cpu | cuda | cuda:<index> (one process of a DDP training) | mps
     precision: str  # fp32 | bf16 | fp16 (the resolved one)
     channels_last: bool
 
@@ -21,17 +21,21 @@ class Policy:
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device == "cuda" and x.device.type == "cpu":
+        if self.device_type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()  # page-locked host memory: the copy below runs asynchronously
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x

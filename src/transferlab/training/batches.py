@@ -48,18 +48,49 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class BatchOrder:
     """How an epoch's samples are ordered into batches: shuffled, or drawn in proportion to
-    ``sample_weights`` (the balanced sampler), seeded by (seed, epoch, stage)."""
+    ``sample_weights`` (the balanced sampler), seeded by (seed, epoch, stage).
+
+    ``batch_size`` is the global batch. With ``world`` processes (DDP), every process draws the same
+    global order and takes part ``rank`` of each batch (a contiguous slice of batch_size / world samples),
+    so the processes' batches are disjoint and together cover the epoch; a last batch is trimmed to a
+    multiple of ``world`` so every process takes as many steps with equal shares.
+    """
 
     batch_size: int
     seed: int
     stage: str
     sample_weights: torch.Tensor | None = None
+    rank: int = 0
+    world: int = 1
+
+    def global_epoch(self, n: int, epoch: int) -> list[torch.Tensor]:
+        """Every process's batches of ``epoch``: one index tensor per global batch."""
+        batches = _batch_indices(n, self.batch_size, epoch_generator(self.seed, epoch, self.stage),
+                                 self.sample_weights)
+        if self.world > 1:
+            batches = [b[:len(b) - len(b) % self.world] for b in batches]
+            batches = [b for b in batches if len(b) >= max(2, self.world)]
+        return batches
+
+    def draws(self, n: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of ``epoch`` as (positions in the epoch's global draw, sample indices);
+        a position identifies one draw even when the balanced sampler draws a sample twice."""
+        out, start = [], 0
+        for batch in self.global_epoch(n, epoch):
+            positions = torch.arange(start, start + len(batch))
+            start += len(batch)
+            share = len(batch) // self.world
+            part = slice(self.rank * share, (self.rank + 1) * share)
+            out.append((positions[part], batch[part]))
+        return out
 
     def epoch(self, n: int, epoch: int) -> list[torch.Tensor]:
-        return _batch_indices(n, self.batch_size, epoch_generator(self.seed, epoch, self.stage), self.sample_weights)
+        """This process's index batches of ``epoch``."""
+        return [indices for _, indices in self.draws(n, epoch)]
 
     def count(self, n: int) -> int:
-        return len(_batch_indices(n, self.batch_size, torch.Generator().manual_seed(0)))
+        return len(self.global_epoch(n, 0)) if self.world > 1 else len(
+            _batch_indices(n, self.batch_size, torch.Generator().manual_seed(0)))
 
 
 def feature_batches(features: torch.Tensor, labels: torch.Tensor, order: BatchOrder) -> Batches:

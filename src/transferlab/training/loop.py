@@ -99,6 +99,9 @@ class LoopSpec:
     validate: Callable[[], tuple[float, float]] | None = None
     set_train_mode: Callable[[], None] | None = None
     seed: int = 0
+    forward: nn.Module | None = None  # what computes training logits: a DDP wrapper of ``module`` (default module)
+    agree: Callable[[bool], bool] | None = None  # with several processes: rank 0's stop decision in all of them
+    rank: int = 0  # the process's rank (dropout draws differ between processes)
 
 
 class _Totals:
@@ -121,6 +124,8 @@ class TrainLoop:
         self.loss_fn = spec.loss_fn
         self.epochs, self.policy, self.stage, self.seed = spec.epochs, spec.policy, spec.stage, spec.seed
         self.set_train_mode = spec.set_train_mode or spec.module.train
+        self.forward = spec.forward if spec.forward is not None else spec.module
+        self.agree = spec.agree or (lambda stop: stop)
         total = max(1, spec.epochs * spec.batches.count)
         warmup = min(total // 2, round(spec.warmup_epochs * spec.batches.count))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(spec.optimizer, cosine_with_warmup(total, warmup))
@@ -165,8 +170,14 @@ class TrainLoop:
             for epoch in range(first, self.epochs + 1):
                 row = self._one_epoch(epoch)
                 self.history.append(row)
-                self._event("after_epoch", row)
-        except StopTraining:
+                stop = False
+                try:
+                    self._event("after_epoch", row)
+                except StopTraining:
+                    stop = True
+                if self.agree(stop):
+                    break
+        except StopTraining:  # raised by a callback in another event
             pass
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted in {self.stage} epoch {epoch}; the last finished epoch is "
@@ -176,7 +187,8 @@ class TrainLoop:
 
     def _one_epoch(self, epoch: int) -> dict:
         start = time.perf_counter()
-        torch.manual_seed(zlib.crc32(f"global/{self.seed}/{epoch}/{self.stage}".encode()))  # dropout, augmentation
+        rank = f"/{self.spec.rank}" if self.spec.rank else ""
+        torch.manual_seed(zlib.crc32(f"global/{self.seed}/{epoch}/{self.stage}{rank}".encode()))  # dropout, mixing
         self.set_train_mode()
         lr = self.optimizer.param_groups[0]["lr"]
         self.epoch = epoch
@@ -204,7 +216,7 @@ class TrainLoop:
         self.x, self.y = self.policy.prepare_input(x), y.to(self.policy.device)
         self._event("before_batch")
         with self.policy.autocast():
-            self.logits = self.module(self.x)
+            self.logits = self.forward(self.x)
         self.loss = self.loss_fn(self.logits.float(), self.y)
         if not torch.isfinite(self.loss):
             raise TransferlabError(f"{self.stage} epoch {self.epoch}: the loss became {self.loss.item()} "

@@ -12,6 +12,7 @@ branches on a strategy's name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..data.images import decode_samples
 from ..data.splits import plan_splits
 from ..deployment import write_fp32
 from ..errors import TransferlabError
-from ..features import FeatureCache, FeatureExtractor, cache_root
+from ..features import FeatureCache, FeatureExtractor, FeatureResult, cache_root
 from ..io.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint
 from ..io.files import check_writable_dir
 from ..io.rundir import FORMAT_VERSION, MODEL_FILE, RunDir, RunOutputs, TestPredictions
@@ -37,11 +38,12 @@ from ..models.preprocessing import TTA_VIEWS
 from ..provenance import seed_everything, versions
 from ..run import Run
 from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits_and_features
-from ..runtime.precision import Policy, resolve_policy, torch_threads
+from ..runtime.precision import Policy, resolve_device, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
 from .callbacks import EarlyStopping, EmaWeights, EpochLogger, KeepBestOnValidation, MixBatches, SaveCheckpoint
 from .deadline import Deadline
+from .distributed import SINGLE, IndexedView, Session, check_supported, quiet_unless_main
 from .loop import Callback, LoopSpec, TrainLoop, make_optimizer
 from .strategies import Stage, make_strategy, param_groups
 
@@ -117,22 +119,37 @@ class Trainer:
         self.feature_counts = {"from_cache": 0, "computed": 0}
         self.test_features: torch.Tensor | None = None
         self.trust = None  # transferlab.trust.model.Trust, fitted on the validation split
+        self.session = Session(SINGLE, "cpu", owns_group=False)  # the processes of a torchrun training
 
-    def run(self) -> Run:
-        self.prepare()
-        self.splits = discover(self.cfg.data_dir, self.cfg.test_dir, self.cfg.labels)
-        self.build()
-        self.inputs = self.load_inputs()
-        self.fit()
-        predictions = self.test()
-        self.fit_trust()
-        return self.write(predictions)
+    def run(self) -> Run | None:
+        """Train, test and write the run directory. Under torchrun every process runs this; rank 0 writes and
+        returns the :class:`~transferlab.run.Run`, the other processes return None."""
+        check_supported(self.cfg)
+        self.session = Session.start(resolve_device(self.cfg.device))
+        try:
+            with quiet_unless_main(self.session.procs):
+                self.prepare()
+                self.splits = discover(self.cfg.data_dir, self.cfg.test_dir, self.cfg.labels)
+                self.build()
+                self.inputs = self.load_inputs()
+                self.fit()
+                predictions = self.test()
+                self.fit_trust()
+                return self.write(predictions)
+        finally:
+            self.session.close()
+
+    @property
+    def is_main(self) -> bool:
+        return self.session.procs.is_main
 
     # ------------------------------------------------------------------------------------------- stages
 
     def prepare(self) -> None:
         """Find a checkpoint to continue (a killed or interrupted run), seed, choose the precision policy."""
-        self.checkpoint = load_checkpoint(self.run_dir, self.record)
+        # rank 0's checkpoint in every process (their --out need not be on a shared filesystem)
+        self.checkpoint = self.session.broadcast_object(load_checkpoint(self.run_dir, self.record)
+                                                        if self.is_main else None)
         if self.resume and self.checkpoint is None:
             raise TransferlabError(f"--resume: {self.run_dir.path} holds no checkpoint to resume (the run finished "
                                    "or never started)")
@@ -144,6 +161,12 @@ class Trainer:
         self.limit_seconds = None if end is None else round(end - self.timings.started, 3)
         seed_everything(self.cfg.seed)
         self.policy = resolve_policy(self.cfg.precision, self.cfg.device)
+        if self.session.procs.enabled:
+            self.policy = dataclasses.replace(self.policy, device=self.session.device_name)
+            procs = self.session.procs
+            log.info("torchrun: %d processes (%d on this node), %s, global batch %d (%d per process)", procs.world,
+                     procs.local_world, "nccl" if self.policy.device_type == "cuda" else "gloo",
+                     self.cfg.batch_size, self.cfg.batch_size // procs.world)
         log.info("device %s, precision %s%s", self.policy.device, self.policy.precision,
                  ", channels_last" if self.policy.channels_last else "")
 
@@ -217,10 +240,20 @@ class Trainer:
             return
         logits, features = self._logits_and_features(val, desc="calibrating")
         _, train_features = self._logits_and_features(self.inputs.train, desc="known features", tta=False)
+        if not self.is_main:  # the fit is rank 0's (it alone writes the run); the passes above were shared
+            return
         self.trust = Trust.fit(torch.softmax(logits, 1).numpy(), val.labels.numpy(), features.numpy(),
                                train_features.numpy(), self.cfg.keep_known, self.cfg.coverage, self.cfg.seed)
 
-    def write(self, predictions: TestPredictions) -> Run:
+    def write(self, predictions: TestPredictions) -> Run | None:
+        if not self.is_main:
+            self.session.barrier()  # rank 0 writes the run directory
+            return None
+        run = self._write(predictions)
+        self.session.barrier()
+        return run
+
+    def _write(self, predictions: TestPredictions) -> Run:
         classes = self.splits.classes
         metrics = compute_metrics(predictions.y_true, predictions.probs, classes)
         metrics["train_seconds"] = round(self.timings.train_seconds, 3)
@@ -305,7 +338,13 @@ class Trainer:
         recipe = [cb for cb in (ema, mix) if cb is not None]
         loop = TrainLoop(spec, self._callbacks(ema.module if ema is not None else None) + recipe)
         with threads:
-            return loop.fit(resume)
+            history = loop.fit(resume)
+        # every process trained the same weights (DDP, or the same head on the same features): make sure
+        # they are rank 0's, kept epoch included
+        self.session.broadcast_module(self.model)
+        if ema is not None:
+            self.session.broadcast_module(ema.module)
+        return history
 
     def _callbacks(self, kept: nn.Module | None = None) -> list[Callback]:
         """``kept``: the module whose weights keep-best scores and keeps, when not the loop's (EMA's average)."""
@@ -314,7 +353,8 @@ class Trainer:
             callbacks.append(EarlyStopping(self.cfg.patience))
         if self.deadline is not None:
             callbacks.append(self.deadline)
-        callbacks.append(SaveCheckpoint(self.run_dir, self.record, self.history))
+        if self.is_main:
+            callbacks.append(SaveCheckpoint(self.run_dir, self.record, self.history))
         return callbacks + self.extra_callbacks
 
     def _attach_features(self) -> None:
@@ -329,8 +369,11 @@ class Trainer:
                 split.features = torch.stack([inputs.features[s] for s in split.samples])
 
     def _order(self, stage: Stage) -> BatchOrder:
+        """The head on features trains whole in every process; fine-tuning gives each process its slice of
+        every global batch."""
         weights = balanced_weights(self.inputs.train.labels) if self.cfg.sampler == "balanced" else None
-        return BatchOrder(self.cfg.batch_size, self.cfg.seed, stage.name, weights)
+        procs = self.session.procs if not stage.on_features else SINGLE
+        return BatchOrder(self.cfg.batch_size, self.cfg.seed, stage.name, weights, procs.rank, procs.world)
 
     def _head_loop(self, stage: Stage) -> LoopSpec:
         cfg, head, train, val = self.cfg, self.model.head, self.inputs.train, self.inputs.val
@@ -347,7 +390,7 @@ class Trainer:
         fp32 = Policy(self.policy.device, "fp32", channels_last=False)  # a head on features: tiny, keep fp32
         return LoopSpec(head, feature_batches(train.features, train.labels, self._order(stage)), self.loss_fn,
                         make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs, fp32, stage.name,
-                        cfg.warmup_epochs, validate, head.train, cfg.seed)
+                        cfg.warmup_epochs, validate, head.train, cfg.seed, agree=self.session.agree)
 
     def _mixing(self) -> MixBatches | None:
         """Mixup/CutMix for fine-tuning; its soft targets carry the label smoothing, and its loss
@@ -367,13 +410,16 @@ class Trainer:
 
         cfg, model, train, val = self.cfg, self.model, self.inputs.train, self.inputs.val
         preprocess = model.backbone.preprocess
+        if self.session.procs.enabled and cfg.bn == "train" and self.policy.device_type == "cuda":
+            model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)  # statistics over all GPUs
         groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, layer_decay=cfg.layer_decay)
         evaluated = ema.module if ema is not None else model
         validate = None
         if val is not None:
             def validate():
                 evaluated.eval()
-                logits = predict_in_batches(evaluated, val.images, preprocess, self.policy)
+                logits, = self.session.sharded_map(len(val), lambda idx: [predict_in_batches(
+                    evaluated, IndexedView(val.images, idx), preprocess, self.policy)])
                 return float(self.loss_fn(logits.to(self.policy.device), val.labels.to(self.policy.device))), \
                     float((logits.argmax(1) == val.labels).float().mean())
         batches = image_batches(train.images, train.labels, self._order(stage), preprocess, cfg.augment,
@@ -381,7 +427,8 @@ class Trainer:
         loss_fn = SoftTargetCrossEntropy() if mix is not None else self.loss_fn
         return LoopSpec(model, batches, loss_fn, make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs,
                         self.policy, stage.name, cfg.warmup_epochs, validate,
-                        lambda: self.strategy.set_train_mode(model), cfg.seed)
+                        lambda: self.strategy.set_train_mode(model), cfg.seed, forward=self.session.wrap(model),
+                        agree=self.session.agree, rank=self.session.procs.rank)
 
     @torch.no_grad()
     def _logits_and_features(self, split: SplitData, desc: str = "", tta: bool | None = None,
@@ -394,23 +441,50 @@ class Trainer:
         tta = cfg.tta if tta is None else tta
         model.eval()
         if self.strategy.uses_pixels:
-            return predict_logits_and_features(model, split.images, self.policy, InferenceOptions(cfg.engine, tta),
-                                               desc=desc, engines=self.engines if record else None)
+            def compute(indices):
+                return predict_logits_and_features(model, IndexedView(split.images, indices), self.policy,
+                                                   InferenceOptions(cfg.engine, tta), desc=desc,
+                                                   engines=self.engines if record else None)
+            logits, features = self.session.sharded_map(len(split), compute)
+            return logits, features
         per_view = [split.features]
         for view in TTA_VIEWS[1:] if tta else ():
             found = (self._extract_for_test(split.samples, view=view) if record
-                     else self.extractor.extract(split.samples, view=view)).features
+                     else self._extract(split.samples, view=view)).features
             per_view.append(torch.stack([found[s] for s in split.samples]))
         logits = [model.head(f.to(self.policy.device)).float().cpu() for f in per_view]
         return (average_views(logits) if tta else logits[0]), split.features.float().cpu()
 
     def _extract_for_test(self, samples: list[Sample], **options):
         """Frozen features that the test predictions come from, with a record of what computed them."""
-        result = self.extractor.extract(samples, **options)
+        result = self._extract(samples, **options)
         if result.engine is not None:
             self.engines.add(result.engine)
         self.feature_counts["from_cache"] += result.hits
         self.feature_counts["computed"] += result.misses
+        return result
+
+    def _extract(self, samples: list[Sample], **options) -> FeatureResult:
+        """Frozen features of ``samples``; under torchrun each process computes a disjoint share (the cache
+        misses among every ``world``-th sample) and all of them receive every feature."""
+        procs = self.session.procs
+        if not procs.enabled:
+            return self.extractor.extract(samples, **options)
+        positions = list(procs.positions(len(samples)))
+        local = self.extractor.extract([samples[i] for i in positions], lock=False, **options)
+        found = {i: local.features[samples[i]] for i in positions if samples[i] in local.features}
+        parts = self.session.all_gather_object((found, local.skipped, local.engine, local.hits, local.misses))
+        merged: dict[int, torch.Tensor] = {}
+        result = FeatureResult({})
+        for found, skipped, engine, hits, misses in parts:
+            merged |= found
+            result.skipped += skipped
+            result.engine = result.engine or engine
+            result.hits += hits
+            result.misses += misses
+        result.features = {samples[i]: merged[i] for i in sorted(merged)}
+        order = {str(s.path): i for i, s in enumerate(samples)}
+        result.skipped.sort(key=lambda entry: order.get(entry["path"], len(order)))
         return result
 
     def _class_weights(self) -> torch.Tensor | None:
