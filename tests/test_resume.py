@@ -73,6 +73,27 @@ def test_ctrl_c_then_rerun_gives_the_uninterrupted_result(data, reference, tmp_p
     assert not (out / "checkpoint").exists()
 
 
+def test_a_run_from_the_image_store_resumed_with_loader_workers_ends_like_the_uninterrupted_one(
+        data, reference, tmp_path, monkeypatch):
+    original = EpochLogger.after_epoch
+
+    def interrupt(self, loop, row):
+        original(self, loop, row)
+        if loop.stage == "finetune" and row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    out, stored = tmp_path / "run", dict(OPTIONS, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(EpochLogger, "after_epoch", interrupt)
+    with pytest.raises(TrainingInterrupted):
+        transferlab.train(data, out=out, **stored)
+    monkeypatch.setattr(EpochLogger, "after_epoch", original)
+    transferlab.train(data, out=out, **dict(stored, loader_workers=2))  # a speed option: the checkpoint still fits
+    assert list((tmp_path / "cache" / "images").glob("*/*.u8"))
+    assert _metrics(out) == _metrics(reference)  # the reference decoded in memory, without workers
+    assert _history(out) == _history(reference)
+    assert _same_weights(out, reference)
+
+
 def test_checkpoint_of_another_configuration_is_refused(data, tmp_path, monkeypatch):
     def interrupt(self, loop, row):
         if row["epoch"] == 2:

@@ -68,6 +68,21 @@ def _add_trust_options(add) -> None:
         help="with a validation split: prediction sets contain the true class with this probability (0.9)")
 
 
+def _add_machine_options(add) -> None:
+    """Where and how fast a run computes (the image store and the loader change no result)."""
+    S = argparse.SUPPRESS
+    add("--precision", default=S, choices=PRECISIONS, help="default: auto")
+    add("--device", default=S, choices=DEVICES, help="default: auto")
+    add("--engine", default=S, choices=ENGINES,
+        help="inference engine for frozen features and testing (auto: ONNX Runtime for fp32 on a CPU)")
+    add("--cache-dir", default=S, help="frozen-feature cache and decoded-image store (default: "
+        "$TRANSFERLAB_CACHE_DIR, else $XDG_CACHE_HOME/transferlab or ~/.cache/transferlab); 'none': neither, "
+        "fine-tuning keeps decoded images in memory")
+    add("--loader-workers", type=int, default=S, metavar="N",
+        help="processes that read and augment training images (default 0: the training process; "
+             "results are the same for any N)")
+
+
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     # Defaults are None here so that options given with --config can be told apart; TrainConfig owns
     # the real defaults (listed in the README). ``skip``: options another subcommand replaces (a grid).
@@ -118,12 +133,7 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         help="e.g. 10m: stop cleanly with the best so far (auto: the whole search fits it)")
     add("--seed", type=int, default=S, help="default: 0")
     add("--strict", action="store_true", default=S, help="stop at the first unreadable image")
-    add("--precision", default=S, choices=PRECISIONS, help="default: auto")
-    add("--device", default=S, choices=DEVICES, help="default: auto")
-    add("--engine", default=S, choices=ENGINES,
-        help="inference engine for frozen features and testing (auto: ONNX Runtime for fp32 on a CPU)")
-    add("--cache-dir", default=S, help="frozen-feature cache (default: $TRANSFERLAB_CACHE_DIR, else "
-        "$XDG_CACHE_HOME/transferlab or ~/.cache/transferlab); 'none' disables it")
+    _add_machine_options(add)
 
 
 def build_parser() -> argparse.ArgumentParser:

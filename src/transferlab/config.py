@@ -108,7 +108,8 @@ class TrainConfig:
     precision: Precision = "auto"
     device: Device = "auto"
     engine: Engine = "auto"  # inference engine for feature extraction and testing (transferlab.runtime.inference)
-    cache_dir: str | None = None  # frozen-feature cache; None: the default folder, "none": no cache
+    cache_dir: str | None = None  # feature cache + image store; None: the default folder, "none": neither
+    loader_workers: int = 0  # DataLoader processes that read training images (results do not depend on it)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -175,4 +176,7 @@ RANGES: dict[str, Range] = {
     "epochs": Range(0),  # the lower bound depends on the strategy (MIN_EPOCHS); validate() fills it in
     "image_size": Range(32, 1024), "patience": Range(1), "keep_known": Range(0.0, 1.0, low_open=True, high_open=True),
     "coverage": Range(0.0, 1.0, low_open=True, high_open=True), "time_limit": Range(0.0, low_open=True),
+    "loader_workers": Range(0, 64),
 }
+# Options that change how fast a run goes, never its result: a checkpoint or an experiment's run ignores them.
+RESULT_NEUTRAL = ("loader_workers",)

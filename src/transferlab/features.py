@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ class FeatureExtractor:
     def __init__(self, model, policy: Policy, cache: FeatureCache, engine: str = "auto", batch_size: int = 64):
         self.model, self.policy, self.cache, self.engine, self.batch_size = model, policy, cache, engine, batch_size
 
-    def extract(self, samples: list[Sample], images: dict[Sample, torch.Tensor] | None = None,
+    def extract(self, samples: list[Sample], images: Mapping[Sample, torch.Tensor] | None = None,
                 strict: bool = False, view: str = "center", lock: bool = True) -> FeatureResult:
         """Features of ``samples`` (cached ones read, the rest computed and cached). ``lock`` False: compute
         without holding the model key's lock (the processes of one DDP training share out disjoint samples)."""
@@ -234,7 +235,7 @@ class FeatureExtractor:
         return todo
 
     def _compute(self, todo: dict[Sample, str | None], key: str, result: FeatureResult,
-                 images: dict[Sample, torch.Tensor] | None, strict: bool, view: str) -> None:
+                 images: Mapping[Sample, torch.Tensor] | None, strict: bool, view: str) -> None:
         model, preprocess = self.model, self.model.backbone.preprocess
         missing = list(todo)
         model.eval()

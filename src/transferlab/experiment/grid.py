@@ -16,14 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import RESULT_NEUTRAL, TrainConfig
 from ..data.discovery import is_image_file
 from ..errors import TransferlabError
 from ..io.digest import file_digest, sha256_file
 from ..provenance import result_versions
 
 # Options that name where things are or how they are computed/displayed, not what the result is.
-HASH_EXCLUDED = ("data_dir", "test_dir", "labels", "cache_dir", "precision", "device")
+HASH_EXCLUDED = ("data_dir", "test_dir", "labels", "cache_dir", "precision", "device", *RESULT_NEUTRAL)
 
 GRID_AXES = ("backbones", "strategies", "optimizers", "heads", "seeds")
 

@@ -61,7 +61,7 @@ class PreprocessConfig:
         return cls(int(d["input_size"]), int(d["resize_size"]), d["interpolation"], d["mean"], d["std"])
 
 
-def _normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+def normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     import torch
 
     mean = torch.tensor(cfg.mean).view(-1, 3, 1, 1) * 255.0
@@ -102,7 +102,7 @@ def eval_batch(images: list[torch.Tensor], cfg: PreprocessConfig, view: str = "c
 
     if view not in TTA_VIEWS:
         raise ValueError(f"view must be one of {TTA_VIEWS}, got {view!r}")
-    return _normalize(torch.stack([_view(im, cfg, view) for im in images]), cfg)
+    return normalize(torch.stack([_view(im, cfg, view) for im in images]), cfg)
 
 
 def eval_array(images: list[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
@@ -123,7 +123,7 @@ class TrainAugment:
     ``trivial`` adds torchvision's ``TrivialAugmentWide``, ``randaugment`` its ``RandAugment`` (2 ops,
     magnitude 9), both on the uint8 crop with bilinear interpolation, after the flip (timm's order).
 
-    Uses the global torch RNG, which the training loop seeds per epoch from (seed, epoch).
+    Draws from the global torch RNG; training seeds it per image (see :mod:`transferlab.training.batches`).
     """
 
     def __init__(self, cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0), policy: str = "basic"):
@@ -145,7 +145,11 @@ class TrainAugment:
             steps.append(getattr(v2, AUGMENT_STEPS[policy])(interpolation=InterpolationMode.BILINEAR))
         self.transform = v2.Compose(steps)
 
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        """One decoded uint8 image -> its augmented uint8 crop."""
+        return self.transform(image)
+
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
-        return _normalize(torch.stack([self.transform(im) for im in images]), self.cfg)
+        return normalize(torch.stack([self.crop(im) for im in images]), self.cfg)

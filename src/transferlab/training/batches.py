@@ -1,15 +1,18 @@
 """Training batches, one epoch at a time: shuffled (or class-balanced) index batches over cached features
-or decoded images. An epoch's batches depend only on (seed, epoch, stage), never on what ran before."""
+or decoded images. An epoch's batches, and each image's augmentation, depend only on (seed, epoch, stage),
+never on what ran before."""
 
 from __future__ import annotations
 
+import multiprocessing
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from ..models.preprocessing import PreprocessConfig, TrainAugment, eval_batch
+from ..models.preprocessing import PreprocessConfig, TrainAugment, center_crop, normalize
 
 
 def epoch_generator(seed: int, epoch: int, stage: str) -> torch.Generator:
@@ -100,15 +103,92 @@ def feature_batches(features: torch.Tensor, labels: torch.Tensor, order: BatchOr
     return Batches(make, order.count(len(labels)))
 
 
-def image_batches(images: list[torch.Tensor], labels: torch.Tensor, order: BatchOrder, preprocess: PreprocessConfig,
-                  augment: bool, policy: str = "basic", crop_scale: float = 0.35) -> Batches:
-    """Augmentation (:class:`~transferlab.models.preprocessing.TrainAugment` with ``policy`` and the crop's
-    smallest area fraction ``crop_scale``; ``augment`` False: the evaluation centre crop, no randomness) draws
-    from the global torch RNG, which TrainLoop seeds per epoch."""
-    transform = (TrainAugment(preprocess, (crop_scale, 1.0), policy) if augment
-                 else (lambda ims: eval_batch(ims, preprocess)))
+def sample_seed(seed: int, stage: str, epoch: int, position: int) -> int:
+    """The seed of one draw's augmentation: a function of (seed, stage, epoch, position in the epoch's draw)
+    alone, so results do not depend on the number of loader workers, the processes, or a resume."""
+    return zlib.crc32(f"{seed}/{stage}/{epoch}/{position}".encode())
+
+
+class _AugmentedDraws(Dataset):
+    """Item ``(epoch, position, index)``: image ``index`` cropped (and, when training, augmented) with the
+    draw's own seed, as uint8, and its label. The global RNG is forked around the augmentation, so the
+    training loop's own random stream (dropout, mixing) is the same with or without loader workers."""
+
+    def __init__(self, images: Sequence, labels: torch.Tensor, view: Callable, seed: int, stage: str):
+        self.images, self.labels, self.view, self.seed, self.stage = images, labels, view, seed, stage
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, draw: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position, index = draw
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.stage, epoch, position))
+            return self.view(self.images[index]), self.labels[index]
+
+
+class _EpochDraws:
+    """Batch sampler of a DataLoader: this process's draws of the current epoch (set before iterating)."""
+
+    def __init__(self, order: BatchOrder, n: int):
+        self.order, self.n, self.epoch = order, n, 0
+
+    def __iter__(self):
+        for positions, indices in self.order.draws(self.n, self.epoch):
+            yield [(self.epoch, p, i) for p, i in zip(positions.tolist(), indices.tolist(), strict=True)]
+
+    def __len__(self) -> int:
+        return self.order.count(self.n)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # the main process's threads run the model; a worker only crops
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How training images are read: ``workers`` DataLoader processes (0: in the training process), pinned
+    memory for a copy to the GPU."""
+
+    workers: int = 0
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Fine-tuning's augmentation: :class:`~transferlab.models.preprocessing.TrainAugment` with ``policy`` and
+    the random resized crop's smallest area fraction ``crop_scale``."""
+
+    policy: str = "basic"
+    crop_scale: float = 0.35
+
+
+def image_batches(images: Sequence, labels: torch.Tensor, order: BatchOrder, preprocess: PreprocessConfig,
+                  augment: Augmentation | None, loader: LoaderOptions = LoaderOptions()) -> Batches:
+    """Batches of decoded images through a DataLoader, augmented (``augment`` None: the evaluation centre crop,
+    no randomness) with a seed per draw (:func:`sample_seed`), so a batch is the same with 0 or N
+    ``loader.workers``. Images are read on access (``images`` may be a
+    :class:`~transferlab.data.store.StoredImages`)."""
+    if augment is not None:
+        view = TrainAugment(preprocess, (augment.crop_scale, 1.0), augment.policy).crop
+    else:
+        def view(image):
+            return center_crop(image, preprocess.input_size)
+    sampler = _EpochDraws(order, len(labels))
+    dataset = _AugmentedDraws(images, labels, view, order.seed, order.stage)
+    state: dict = {}
 
     def make(epoch: int):
-        for idx in order.epoch(len(labels), epoch):
-            yield transform([images[i] for i in idx.tolist()]), labels[idx]
+        if "loader" not in state:  # built on first use: workers start only if a stage trains
+            extra = {}
+            if loader.workers:
+                context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+                extra = {"persistent_workers": True, "worker_init_fn": _one_thread, "multiprocessing_context": context,
+                         "prefetch_factor": 2}
+            state["loader"] = DataLoader(dataset, batch_sampler=sampler, num_workers=loader.workers,
+                                                          pin_memory=loader.pin_memory, **extra,
+                                                          generator=torch.Generator())  # not the global RNG
+        sampler.epoch = epoch
+        for crops, y in state["loader"]:
+            yield normalize(crops, preprocess), y
     return Batches(make, order.count(len(labels)))

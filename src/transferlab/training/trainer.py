@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import RESULT_NEUTRAL, TrainConfig
 from ..data.discovery import Sample, Splits, class_counts, discover
-from ..data.images import decode_samples
 from ..data.splits import plan_splits
+from ..data.store import ImageStore
 from ..deployment import write_fp32
 from ..errors import TransferlabError
 from ..features import FeatureCache, FeatureExtractor, FeatureResult, cache_root
@@ -40,7 +41,7 @@ from ..run import Run
 from ..runtime.inference import InferenceOptions, average_views, predict_in_batches, predict_logits_and_features
 from ..runtime.precision import Policy, resolve_device, resolve_policy, torch_threads
 from ..selection import best_epoch
-from .batches import BatchOrder, balanced_weights, feature_batches, image_batches
+from .batches import Augmentation, BatchOrder, LoaderOptions, balanced_weights, feature_batches, image_batches
 from .callbacks import EarlyStopping, EmaWeights, EpochLogger, KeepBestOnValidation, MixBatches, SaveCheckpoint
 from .deadline import Deadline
 from .distributed import SINGLE, IndexedView, Session, check_supported, quiet_unless_main
@@ -52,11 +53,12 @@ log = logging.getLogger("transferlab")
 
 @dataclass
 class SplitData:
-    """One split: samples, label indices, and decoded images and/or pooled features."""
+    """One split: samples, label indices, and decoded images (read on access, see
+    :class:`~transferlab.data.store.StoredImages`) and/or pooled features."""
 
     samples: list[Sample]
     labels: torch.Tensor
-    images: list[torch.Tensor] | None = None
+    images: Sequence[torch.Tensor] | None = None
     features: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -71,7 +73,7 @@ class Inputs:
     val: SplitData | None
     test: SplitData
     skipped: list[dict]
-    images: dict[Sample, torch.Tensor] | None = None
+    images: Mapping[Sample, torch.Tensor] | None = None
     features: dict[Sample, torch.Tensor] | None = None
 
 
@@ -105,7 +107,8 @@ class Trainer:
         self.resume, self.extra_callbacks, self.export = resume, list(callbacks), export
         self.given_deadline = deadline
         self.deadline: Deadline | None = None
-        self.record = self.cfg.with_absolute_paths().to_dict()  # config.json's "train", the checkpoint's key
+        self.record = self.cfg.with_absolute_paths().to_dict()  # config.json's "train"
+        self.checkpoint_key = {k: v for k, v in self.record.items() if k not in RESULT_NEUTRAL}
         self.timings = Timings()
         self.history: list[dict] = []
         self.checkpoint: Checkpoint | None = None
@@ -148,7 +151,7 @@ class Trainer:
     def prepare(self) -> None:
         """Find a checkpoint to continue (a killed or interrupted run), seed, choose the precision policy."""
         # rank 0's checkpoint in every process (their --out need not be on a shared filesystem)
-        self.checkpoint = self.session.broadcast_object(load_checkpoint(self.run_dir, self.record)
+        self.checkpoint = self.session.broadcast_object(load_checkpoint(self.run_dir, self.checkpoint_key)
                                                         if self.is_main else None)
         if self.resume and self.checkpoint is None:
             raise TransferlabError(f"--resume: {self.run_dir.path} holds no checkpoint to resume (the run finished "
@@ -185,8 +188,9 @@ class Trainer:
         started = self.timings.inputs_started = time.perf_counter()
         images = features = None
         if self.strategy.uses_pixels:
-            decoded = decode_samples(listed, self.model.backbone.preprocess, strict=cfg.strict, desc="decoding images")
-            images, skipped = dict(zip(decoded.samples, decoded.images, strict=True)), decoded.skipped
+            decoded = self._decode(listed)
+            images, skipped = decoded.by_sample(), decoded.skipped
+            all_images, position = decoded.images, images.position
         else:
             result = self._extract_for_test(listed, strict=cfg.strict)
             features, skipped = result.features, result.skipped
@@ -197,7 +201,8 @@ class Trainer:
 
         def split(samples: list[Sample]) -> SplitData:
             labels = torch.tensor([index[s.label] for s in samples], dtype=torch.long)
-            return SplitData(samples, labels, [images[s] for s in samples] if images is not None else None)
+            return SplitData(samples, labels, IndexedView(all_images, [position[s] for s in samples])
+                             if images is not None else None)
 
         inputs = Inputs(split(plan.train), split(plan.val) if plan.val else None, split(plan.test), skipped,
                         images, features)
@@ -207,6 +212,16 @@ class Trainer:
             log.warning("--patience %d has no effect without a validation split (--val-size or a val folder)",
                         cfg.patience)
         return inputs
+
+    def _decode(self, samples: list[Sample]):
+        """Decoded images of ``samples`` from the image store beside the feature cache (decoding what it lacks;
+        under torchrun the processes decode disjoint shares first), or in memory with ``--cache-dir none``."""
+        store = ImageStore(cache_root(self.cfg.cache_dir), self.model.backbone.preprocess)
+        procs = self.session.procs
+        if procs.enabled:
+            store.build(samples, shard=(procs.rank, procs.world), lock=False, progress=self.is_main)
+            self.session.barrier()
+        return store.load(samples, strict=self.cfg.strict, progress=self.is_main)
 
     def fit(self) -> None:
         """Run the strategy's stages in turn; a checkpoint's stage continues where it stopped."""
@@ -354,7 +369,7 @@ class Trainer:
         if self.deadline is not None:
             callbacks.append(self.deadline)
         if self.is_main:
-            callbacks.append(SaveCheckpoint(self.run_dir, self.record, self.history))
+            callbacks.append(SaveCheckpoint(self.run_dir, self.checkpoint_key, self.history))
         return callbacks + self.extra_callbacks
 
     def _attach_features(self) -> None:
@@ -363,7 +378,7 @@ class Trainer:
         inputs = self.inputs
         if inputs.features is None:
             wanted = inputs.train.samples + (inputs.val.samples if inputs.val else [])
-            inputs.features = self.extractor.extract(wanted, images=inputs.images).features
+            inputs.features = self._extract(wanted, images=inputs.images).features
         for split in (inputs.train, inputs.val, inputs.test):
             if split is not None and all(s in inputs.features for s in split.samples):
                 split.features = torch.stack([inputs.features[s] for s in split.samples])
@@ -422,8 +437,9 @@ class Trainer:
                     evaluated, IndexedView(val.images, idx), preprocess, self.policy)])
                 return float(self.loss_fn(logits.to(self.policy.device), val.labels.to(self.policy.device))), \
                     float((logits.argmax(1) == val.labels).float().mean())
-        batches = image_batches(train.images, train.labels, self._order(stage), preprocess, cfg.augment,
-                                cfg.augment_policy, cfg.crop_scale)
+        loader = LoaderOptions(cfg.loader_workers, pin_memory=self.policy.device_type == "cuda")
+        augment = Augmentation(cfg.augment_policy, cfg.crop_scale) if cfg.augment else None
+        batches = image_batches(train.images, train.labels, self._order(stage), preprocess, augment, loader)
         loss_fn = SoftTargetCrossEntropy() if mix is not None else self.loss_fn
         return LoopSpec(model, batches, loss_fn, make_optimizer(cfg.optimizer, groups, cfg.lr), stage.epochs,
                         self.policy, stage.name, cfg.warmup_epochs, validate,
