@@ -227,6 +227,29 @@ def test_evaluate_reports_the_trust_figures_and_an_unknown_folder(trusted_run, t
     assert metrics["prediction_sets"]["n"] == metrics["n_test"] == 28
 
 
+def test_evaluate_streams_in_chunks_with_the_same_figures(trusted_run, tmp_path, monkeypatch):
+    from transferlab import evaluation
+
+    others = tmp_path / "others"
+    for i in range(5):
+        make_image(others / f"green_{i}.png", COLORS["green"], seed=900 + i)
+    whole = transferlab.evaluate(trusted_run["dir"], trusted_run["data"], out=tmp_path / "whole", unknown_dir=others)
+    held = []
+    original = evaluation.Run.predict_outputs
+
+    def recording(self, images, *args, **kwargs):
+        held.append(len(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "EVALUATION_CHUNK", 3)
+    monkeypatch.setattr(evaluation.Run, "predict_outputs", recording)
+    chunked = transferlab.evaluate(trusted_run["dir"], trusted_run["data"], out=tmp_path / "chunks",
+                                   unknown_dir=others)
+    assert max(held) == 3 and sum(held) == 28 + 5  # never more than a chunk of decoded images at once
+    assert {k: v for k, v in chunked.items() if k != "data_dir"} == {k: v for k, v in whole.items()
+                                                                     if k != "data_dir"}
+
+
 def test_evaluate_unknown_needs_a_trust_layer_and_options_are_checked(tmp_path, capsys):
     data = make_class_folders(tmp_path / "data", per_class=6)
     transferlab.train(data, out=tmp_path / "run", strategy="freeze", epochs=1, **TINY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.discovery import Sample, class_counts, discover_evaluation
-from .data.images import decode_samples
+from .data.images import DecodedImages, collect_decoded, iter_decoded
 from .errors import TransferlabError
 from .io.files import check_writable_dir, read_json
 from .io.rundir import EVALUATIONS_DIR, EvaluationDir, MetricsRecord
@@ -78,12 +79,11 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
                                               run.directory / EVALUATIONS_DIR / data_dir.resolve().name))
     model_label = {s.path: m.label for s, m in zip(listed, labelled_for_model(listed, run.classes, mapping,
                                                                            f"DATA_DIR {data_dir}"), strict=True)}
-    decoded = decode_samples(listed, run.preprocess, strict=strict, desc="decoding images")
+    decoded, probs, trusted = _predict_streaming(run, listed, strict, "evaluating")
     index = {c: i for i, c in enumerate(run.classes)}
     y_true = np.array([index[model_label[s.path]] for s in decoded.samples], dtype=np.int64)
     if len(y_true) == 0:
         raise TransferlabError(f"DATA_DIR {data_dir}: no usable images")
-    probs, trusted = run.predict_outputs(decoded.images, n_images=len(decoded.images))
     metrics = compute_metrics(y_true, probs, run.classes)
     if run.trust is not None:
         from .trust.model import ASSUMPTION
@@ -105,16 +105,49 @@ def evaluate(run: Run | str | os.PathLike, data_dir: str | os.PathLike, out: str
     return metrics
 
 
+EVALUATION_CHUNK = 256  # decoded images held at once: memory does not grow with the folder
+
+
+def _predict_streaming(run: Run, samples: list[Sample], strict: bool, desc: str):
+    """(the decoding record, probabilities, trusted predictions or None) of ``samples``, decoded in background
+    threads and predicted :data:`EVALUATION_CHUNK` images at a time."""
+    from .trust.model import TrustedPredictions
+
+    chunk, probs, trusted = [], [], []
+
+    def flush() -> None:
+        p, t = run.predict_outputs(chunk, n_images=len(samples))
+        probs.append(p)
+        trusted.append(t)
+        chunk.clear()
+
+    def add(_sample: Sample, image) -> None:
+        chunk.append(image)
+        if len(chunk) == EVALUATION_CHUNK:
+            flush()
+
+    decoded: DecodedImages = collect_decoded(samples, iter_decoded([s.path for s in samples], run.preprocess),
+                                             strict, desc, on_image=add)
+    if chunk:
+        flush()
+    if not probs:
+        return decoded, np.zeros((0, len(run.classes))), None
+    merged = None
+    if trusted[0] is not None:
+        merged = TrustedPredictions(**{f.name: np.concatenate([getattr(t, f.name) for t in trusted])
+                                       for f in dataclasses.fields(TrustedPredictions)})
+    return decoded, np.concatenate(probs), merged
+
+
 def _unknown_folder(run: Run, folder: Path, known_scores: np.ndarray, strict: bool) -> dict:
     """The unknown score on a folder of images of none of the classes, against the known images' scores."""
     from .metrics import binary_roc_auc
     from .prediction import expand_image_paths
 
     paths = expand_image_paths([folder])
-    decoded = decode_samples([Sample(p, "") for p in paths], run.preprocess, strict=strict, desc="unknown images")
-    if not decoded.images:
+    decoded, _, trusted = _predict_streaming(run, [Sample(p, "") for p in paths], strict, "unknown images")
+    if not decoded.samples:
         raise TransferlabError(f"--unknown {folder}: no usable images")
-    _, trusted = run.predict_outputs(decoded.images, n_images=len(decoded.images))
     scores = np.concatenate([known_scores, trusted.unknown_score])
     is_unknown = np.r_[np.zeros(len(known_scores), bool), np.ones(len(trusted.unknown_score), bool)]
     return {"unknown_dir": str(folder.resolve()), "n_unknown": len(trusted.unknown_score),
