@@ -4,14 +4,15 @@ store (the default) and with the images decoded into memory (``--cache-dir none`
     python benchmarks/memory_store.py [--work /tmp/transferlab-memory] [--sizes 1000,20000] [--workers 0,2]
 
 Generates JPEG photos-like images (320 x 256 px, two classes) once under ``--work``, then runs ``transferlab
-train`` in a subprocess per row: a small random-init backbone at the default working resolution (224 px crops from
-images decoded at 256 px short side, ~200 KB each: the size a real backbone's images take), one fine-tuning epoch,
-no head stage, a test split of ``--test-images`` (200) at every size, so testing costs the same (ONNX Runtime from
-64 test images on: its fixed cost would otherwise show as growth). Peak memory: RssAnon (anonymous resident memory,
-from /proc) summed over the process and all its children (DataLoader workers, decode threads are in-process),
-sampled every 0.1 s. Memory-mapped pages read from the store's files are file-backed, not counted: the kernel drops
-them under pressure. Training images/s: training images / the fine-tuning epoch's seconds (history.csv). Each row
-starts with an empty store (its own cache folder), so the store's rows include building it.
+train`` in a subprocess per row: a small random-init backbone (timm's test_efficientnet) at its own resolution (160
+px crops from images decoded at 168 px short side, ~106 KB each; the default Lite0's 256 px short side takes ~2x
+that per image), one fine-tuning epoch, no head stage, a test split of ``--test-images`` (200) at every size, so
+testing costs the same (ONNX Runtime from 64 test images on: its fixed cost would otherwise show as growth). Peak
+memory: RssAnon (anonymous resident memory, from /proc) summed over the process and all its children (DataLoader
+workers, decode threads are in-process), sampled every 0.1 s. Memory-mapped pages read from the store's files are
+file-backed, not counted: the kernel drops them under pressure. Training images/s: training images / the fine-
+tuning epoch's seconds (history.csv). Each row starts with an empty store (its own cache folder), so the store's
+rows include building it.
 """
 
 from __future__ import annotations
