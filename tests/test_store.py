@@ -190,7 +190,10 @@ def test_an_index_is_json_naming_offsets_and_shapes(tmp_path):
 # --------------------------------------------------------------------------------------- the loader
 
 
-def _epoch(images, labels, workers: int, augment=Augmentation()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+BASIC = Augmentation()
+
+
+def _epoch(images, labels, workers: int, augment=BASIC) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = image_batches(images, labels, BatchOrder(4, seed=3, stage="finetune"), PRE, augment,
                             LoaderOptions(workers))
     return [list(batches.make(epoch)) for epoch in (1, 2)]
