@@ -367,7 +367,7 @@ def test_training_passes_policy_and_crop_scale_to_the_augmentation(data, tmp_pat
 # -------------------------------------------------------------------------------------- configuration
 
 RECIPE_DEFAULTS = {"layer_decay": 1.0, "ema": 0.0, "mixup": 0.0, "cutmix": 0.0, "augment_policy": "basic",
-                   "crop_scale": 0.35}
+                   "crop_scale": 0.35, "bn_update": False}
 
 
 def test_the_recipe_is_off_by_default_and_old_configs_load():
@@ -402,3 +402,50 @@ def test_cli_flags_reach_the_config():
                                                                "cutmix": 1.0, "augment_policy": "trivial",
                                                                "crop_scale": 0.5}
     assert not any(hasattr(build_parser().parse_args(["train", "d", "--out", "o"]), k) for k in RECIPE_DEFAULTS)
+
+
+# ------------------------------------------------------------------------------ BatchNorm statistics
+
+
+def test_bn_update_sets_each_running_mean_to_the_training_images_mean(model):
+    from transferlab.models.preprocessing import eval_batch
+    from transferlab.runtime.precision import Policy
+    from transferlab.training.batchnorm import update_batchnorm
+
+    backbone, pre = model.backbone, model.backbone.preprocess
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, pre.resize_size, pre.resize_size + 8), dtype=torch.uint8,
+                            generator=generator) for _ in range(12)]
+    first = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = first.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().clone()))
+    backbone.eval()
+    with torch.no_grad():
+        backbone(eval_batch(images, pre))  # what reaches the first BatchNorm (before it, nothing depends on it)
+    hook.remove()
+    expected = seen[0].mean(dim=(0, 2, 3))
+    before = first.running_mean.clone()
+    assert update_batchnorm(backbone, images, pre, Policy("cpu", "fp32", channels_last=False), batch_size=4) > 0
+    assert not torch.allclose(before, expected, atol=1e-3)
+    assert torch.allclose(first.running_mean, expected, atol=1e-4)  # mean of equal batches' means = the mean
+    assert first.momentum == 0.1  # restored
+
+
+def _first_running_mean(run) -> torch.Tensor:
+    weights = load_file(str(Path(run.directory) / "model.safetensors"))
+    return next(v for k, v in weights.items() if k.endswith("running_mean"))
+
+
+def test_training_with_bn_update_keeps_the_re_estimated_statistics(data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="transferlab")
+    options = dict(FINETUNE, epochs=1, head_epochs=1)
+    plain = transferlab.train(data, out=tmp_path / "plain", **options)
+    updated = transferlab.train(data, out=tmp_path / "updated", bn_update=True, **options)
+    again = transferlab.train(data, out=tmp_path / "again", bn_update=True, **options)
+    assert not torch.allclose(_first_running_mean(plain), _first_running_mean(updated))
+    assert torch.equal(_first_running_mean(updated), _first_running_mean(again))  # deterministic
+    assert "BatchNorm statistics of" in caplog.text
+    caplog.clear()
+    transferlab.train(data, out=tmp_path / "frozen", strategy="freeze", epochs=1, bn_update=True,
+                      **{k: v for k, v in options.items() if k not in ("strategy", "epochs", "head_epochs")})
+    assert "--bn-update: no effect with --strategy freeze" in caplog.text

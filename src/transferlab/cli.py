@@ -52,6 +52,9 @@ def _add_recipe_options(add) -> None:
     add("--ema", type=float, default=S, metavar="DECAY",
         help="fine-tuning: validate, keep and save a moving average of the weights with this decay (timm "
              "ModelEmaV3 with warm-up), e.g. 0.999 (default 0: off)")
+    add("--bn-update", action="store_true", default=S,
+        help="fine-tuning: first re-estimate the backbone's BatchNorm statistics on the training images (AdaBN; "
+             "for data far from ImageNet: aerial, grey-scale, medical); default off")
     add("--augment-policy", default=S, choices=AUGMENT_POLICIES,
         help="fine-tuning augmentation after crop + flip: basic (default: nothing more), trivial "
              "(TrivialAugmentWide), randaugment (RandAugment)")

@@ -90,6 +90,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0  # fine-tuning: Mixup alpha (timm.data.Mixup; 0: off)
     cutmix: float = 0.0  # fine-tuning: CutMix alpha (0: off)
+    bn_update: bool = False  # fine-tuning: re-estimate the backbone's BatchNorm statistics on the training images
     ema: float = 0.0  # fine-tuning: decay of the moving average of the weights that is kept (0: off)
     class_weights: ClassWeights = "none"
     sampler: Sampler = "shuffle"  # balanced: each epoch draws classes equally often (with replacement)

@@ -42,6 +42,7 @@ from ..runtime.inference import InferenceOptions, average_views, predict_in_batc
 from ..runtime.precision import Policy, resolve_device, resolve_policy, torch_threads
 from ..selection import best_epoch
 from .batches import Augmentation, BatchOrder, LoaderOptions, balanced_weights, feature_batches, image_batches
+from .batchnorm import update_batchnorm
 from .callbacks import EarlyStopping, EmaWeights, EpochLogger, KeepBestOnValidation, MixBatches, SaveCheckpoint
 from .deadline import Deadline
 from .distributed import SINGLE, IndexedView, Session, check_supported, quiet_unless_main
@@ -231,12 +232,24 @@ class Trainer:
         stages = self.strategy.stages()
         names = [s.name for s in stages]
         resume_at = names.index(self.checkpoint.stage) if self.checkpoint is not None else 0
+        resuming_on_pixels = self.checkpoint is not None and not stages[resume_at].on_features
+        if self.cfg.bn_update and not resuming_on_pixels:  # (that checkpoint holds the updated statistics)
+            self._update_batchnorm()
         if self.checkpoint is not None:  # the stages before the checkpoint's had finished
             self.history = [row for row in self.checkpoint.meta["history"] if row["stage"] in names[:resume_at]]
         for stage in stages[resume_at:]:
             resume = self.checkpoint if self.checkpoint is not None and self.checkpoint.stage == stage.name else None
             self.history += self._fit_stage(stage, resume)
         self.timings.train_seconds = time.perf_counter() - self.timings.inputs_started
+
+    def _update_batchnorm(self) -> None:
+        if not self.strategy.uses_pixels:
+            log.warning("--bn-update: no effect with --strategy %s (the frozen backbone keeps ImageNet's statistics)",
+                        self.cfg.strategy)
+            return
+        update_batchnorm(self.model.backbone, self.inputs.train.images, self.model.backbone.preprocess, self.policy)
+        self.session.broadcast_module(self.model.backbone)  # identical in every process, whatever its CPU
+        self.strategy.apply(self.model)  # update_bn left every module in train mode
 
     def test(self) -> TestPredictions:
         logits, self.test_features = self._logits_and_features(self.inputs.test, desc="testing", record=True)
