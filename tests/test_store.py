@@ -282,3 +282,12 @@ def test_segments_are_bounded(tmp_path, monkeypatch):
     store = ImageStore(tmp_path / "cache", PRE)
     loaded = store.load(samples, progress=False)
     assert len(list(store.folder.glob("*.json"))) == 3 and len(loaded.images) == 10
+
+
+def test_a_store_that_cannot_be_written_falls_back_to_memory(tmp_path, caplog):
+    samples = _samples(tmp_path / "img", 3)
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")
+    loaded = ImageStore(blocked, PRE).load(samples, progress=False)
+    assert isinstance(loaded.images, list) and len(loaded.images) == 3
+    assert "decoding into memory instead" in caplog.text

@@ -131,7 +131,6 @@ class _SegmentWriter:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.count = 0
         self._open()
 
     def _open(self) -> None:
@@ -149,7 +148,6 @@ class _SegmentWriter:
             self.fh.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
             self.images[digest] = [self.offset, *image.shape]
             self.offset += image.size
-        self.count += 1
         if len(self.images) + len(self.failed) >= SEGMENT_IMAGES or self.offset >= SEGMENT_BYTES:
             self._seal()
             self._open()
@@ -186,7 +184,11 @@ class ImageStore:
         if self.folder is None:
             return self._in_memory(samples, strict, desc, progress)
         digests, unreadable = self._digests(samples)
-        built, index = self._build_missing(digests, None, lock, desc, progress)
+        try:
+            built, index = self._build_missing(digests, None, lock, desc, progress)
+        except OSError as exc:  # a read-only or full cache: lose the reuse, not the run
+            log.warning("image store %s: %s; decoding into memory instead", self.folder, exc.strerror or exc)
+            return self._in_memory(samples, strict, desc, progress)
         return self._result(samples, digests, unreadable, index, strict, built)
 
     def build(self, samples: Sequence[Sample], shard: tuple[int, int] | None = None, *, lock: bool = True,
@@ -197,7 +199,10 @@ class ImageStore:
         if self.folder is None:
             return 0
         digests, _ = self._digests(samples)
-        return self._build_missing(digests, shard, lock, desc, progress)[0]
+        try:
+            return self._build_missing(digests, shard, lock, desc, progress)[0]
+        except OSError:
+            return 0  # load() says so, and decodes into memory
 
     def _build_missing(self, digests, shard, lock, desc, progress) -> tuple[int, dict]:
         wanted = list(dict(digests.values()).items())  # distinct images, in input order
