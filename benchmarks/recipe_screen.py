@@ -4,9 +4,9 @@
 
 Each piece trains ``--strategy unfreeze`` with a validation split (``--val-size 0.15``) through
 ``transferlab.train``: the baseline (every piece off), ``--layer-decay 0.75``, ``--ema 0.999``,
-``--mixup 0.2 --cutmix 1.0``, ``--augment-policy trivial`` and ``randaugment``, ``--bn-update``. One JSON line per finished run
-is appended to OUT/results.jsonl; a rerun skips the rows already there (a killed run resumes from its own
-checkpoint in OUT/runs/<piece>). Prints a table of test and validation accuracy (the kept epoch's) with the
+``--mixup 0.2 --cutmix 1.0``, ``--augment-policy trivial`` and ``randaugment``, ``--bn-update``. One JSON line
+per finished run is appended to OUT/results.jsonl; a rerun skips the rows already there (a killed run resumes
+from its own checkpoint in OUT/runs/<piece>). Prints a table of test and validation accuracy (the kept epoch's) with the
 wall time, and the machine. The frozen features of the head-first stage are cached in OUT/cache, so only the
 first run computes them.
 

@@ -186,8 +186,8 @@ def image_batches(images: Sequence, labels: torch.Tensor, order: BatchOrder, pre
                 extra = {"persistent_workers": True, "worker_init_fn": _one_thread, "multiprocessing_context": context,
                          "prefetch_factor": 2}
             state["loader"] = DataLoader(dataset, batch_sampler=sampler, num_workers=loader.workers,
-                                                          pin_memory=loader.pin_memory, **extra,
-                                                          generator=torch.Generator())  # not the global RNG
+                                         pin_memory=loader.pin_memory, **extra,
+                                         generator=torch.Generator())  # its seed draw: not the global RNG
         sampler.epoch = epoch
         for crops, y in state["loader"]:
             yield normalize(crops, preprocess), y
