@@ -397,10 +397,10 @@ def test_cli_flags_reach_the_config():
 
     args = build_parser().parse_args(["train", "d", "--out", "o", "--layer-decay", "0.75", "--ema", "0.999",
                                       "--mixup", "0.2", "--cutmix", "1", "--augment-policy", "trivial",
-                                      "--crop-scale", "0.5"])
+                                      "--crop-scale", "0.5", "--bn-update"])
     assert {k: getattr(args, k) for k in RECIPE_DEFAULTS} == {"layer_decay": 0.75, "ema": 0.999, "mixup": 0.2,
                                                                "cutmix": 1.0, "augment_policy": "trivial",
-                                                               "crop_scale": 0.5}
+                                                               "crop_scale": 0.5, "bn_update": True}
     assert not any(hasattr(build_parser().parse_args(["train", "d", "--out", "o"]), k) for k in RECIPE_DEFAULTS)
 
 
