@@ -102,15 +102,16 @@ def dataset_row(name: str, out: Path) -> str | None:
     references = json.loads((exp / "references.json").read_text())["datasets"]["test"]["probe"]
     probe = {r["seed"]: r["accuracy"] for r in references}
     n_test = references[0]["n_test"]
-    autos, chosen, regrets, walls = {}, [], [], []
+    autos, chosen, regrets, walls, limits = {}, [], [], [], set()
     for seed in sorted({s for _, s in grid}):
         target = RunDir(out / name / f"auto-s{seed}")
         if not target.auto.is_file():
             continue
         record = json.loads(target.auto.read_text())
         autos[seed] = target.read_metrics()["accuracy"]
-        chosen.append(record["chosen"])
+        chosen.append(_chosen(target))
         walls.append(record["seconds"])
+        limits.add(record["time_limit"])
         tried = [RunDir(target.path / f["run_dir"]).read_metrics()["accuracy"] for f in record["finalists"]
                  if f["skipped"] is None]
         best_on_test = max(tried + [grid.get(("freeze", seed), 0.0), grid.get(("unfreeze", seed), 0.0)])
@@ -119,8 +120,23 @@ def dataset_row(name: str, out: Path) -> str | None:
              *(_mean_std([v for (s, _), v in grid.items() if s == strategy]) for strategy in ("freeze", "unfreeze")),
              _mean_std(list(autos.values())) + _interval(list(autos.values()), n_test),
              "; ".join(chosen) or "–", f"{statistics.mean(regrets):.4f}" if regrets else "–",
-             f"{statistics.mean(walls):.0f}" if walls else "–", str(n_test)]
+             (f"{statistics.mean(walls):.0f} ({'/'.join(f'{v:.0f}' for v in sorted(limits))})" if walls else "–"),
+             _grid_seconds(out, name), str(n_test)]
     return "| " + " | ".join(cells) + " |"
+
+
+def _chosen(target: RunDir) -> str:
+    """What auto chose, e.g. "freeze lite1@320 h256"."""
+    train = target.read_config()["train"]
+    backbone = train["backbone"].replace("efficientnet_", "")
+    return f"{train['strategy']} {backbone}@{train['image_size']} h{train['head']}"
+
+
+def _grid_seconds(out: Path, name: str) -> str:
+    """Wall seconds of the freeze + unfreeze grid (every seed), from the first measurement that ran it."""
+    log = out / "wall_times.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return next((f"{r['seconds']:.0f}" for r in rows if r["dataset"] == name and r["what"] == "grid"), "–")
 
 
 def table(out: Path, names: list[str]) -> str:
@@ -131,7 +147,7 @@ def table(out: Path, names: list[str]) -> str:
     lines = [f"Machine: {cpu}, torch AVX512-BF16: "
              f"{torch.cpu._is_avx512_bf16_supported()}", "",
              "| dataset | LR probe | freeze | unfreeze | auto (95% CI at the mean) | auto chose | auto's regret | "
-             "auto s | test images |", "|---|---|---|---|---|---|---|---|---|"]
+             "auto s (limit) | grid s | test images |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row for name in names if (row := dataset_row(name, out))]
     return "\n".join(lines)
 

@@ -13,8 +13,9 @@ from conftest import TINY, make_class_folders
 from safetensors.numpy import load_file
 
 import transferlab
-from transferlab.auto.search import AutoSearch, Finalist
-from transferlab.auto.space import SearchSpace
+from transferlab.auto.ranking import CrossValidation
+from transferlab.auto.search import AutoSearch, Candidate, Finalist
+from transferlab.auto.space import SearchSpace, forward_gflops
 from transferlab.cli import main
 from transferlab.config import TrainConfig
 from transferlab.data.heldout import AUTO_VAL_SIZE, default_val_size, stratified_folds
@@ -130,6 +131,7 @@ def test_auto_writes_a_complete_run_with_its_search_record(auto_pair):
     heads = {c["head"] for c in record["candidates"]}
     assert heads == {"0", "256"}  # the head axis was searched; backbone and size were given
     assert all(c["cv_accuracy"] is not None and 0 <= c["cv_accuracy"] <= 1 for c in record["candidates"])
+    assert all(c["gflops"] > 0 for c in record["candidates"])
     names = [f["name"] for f in record["finalists"]]
     assert names[0] == "freeze" and any(n.startswith("unfreeze") for n in names)
     assert record["chosen"] in names and record["reason"] and record["test_split_used_for_choice"] is False
@@ -172,6 +174,33 @@ def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_head_on_validation(tm
     tuned.skipped, tuned.val_accuracy = "time limit", None
     winner, reason = search.choose(frozen)
     assert winner is frozen and "time limit" in reason
+
+
+def _candidate(backbone: str, size: int, head: str, accuracy: float, gflops: float) -> Candidate:
+    return Candidate(backbone, size, head, CrossValidation(accuracy, 0.3, [], 0.0, 1000), gflops)
+
+
+def test_fine_tuning_starts_with_the_cheapest_candidate_tied_with_the_best(tmp_path, tiny_data):
+    search = AutoSearch(TrainConfig(data_dir=str(tiny_data), **AUTO), tmp_path / "r")
+    best = _candidate("lite2", 260, "256", 0.962, 1.4)  # standard error at n=1000: 0.006
+    scored = [best, _candidate("lite2", 260, "0", 0.960, 1.4), _candidate("lite0", 224, "256", 0.958, 0.8),
+              _candidate("lite0", 224, "0", 0.957, 0.8), _candidate("lite1", 320, "256", 0.957, 1.9),
+              _candidate("lite0", 320, "256", 0.950, 0.5)]  # cheapest of all, but not tied with the best
+    assert search.finetune_choices(scored) == [scored[2], best]  # each set's best head, cheapest first
+    alone = [best, _candidate("lite0", 224, "256", 0.90, 0.8)]
+    assert search.finetune_choices(alone) == [best]
+    cheap_best = [_candidate("lite0", 224, "0", 0.97, 0.8), _candidate("lite2", 352, "0", 0.968, 2.9),
+                  _candidate("lite1", 240, "0", 0.966, 1.0)]
+    assert search.finetune_choices(cheap_best) == [cheap_best[0], cheap_best[1]]  # then the best-scoring other
+
+
+def test_forward_gflops_counts_the_model_at_its_input_size():
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).train()
+    small, large = forward_gflops(model, 64), forward_gflops(model, 128)
+    assert 0 < small and 3.5 < large / small < 4.5  # convolutions: cost grows with the pixel count
+    assert model.training  # the mode is restored
 
 
 def test_given_options_fix_their_axis_of_the_search():

@@ -38,7 +38,7 @@ from ..run import Run
 from ..runtime.precision import resolve_policy
 from ..training.trainer import Trainer
 from .ranking import CrossValidation, cross_validate
-from .space import FeatureSet, SearchSpace, training_speed
+from .space import FeatureSet, SearchSpace, forward_gflops, training_speed
 
 log = logging.getLogger("transferlab")
 
@@ -77,6 +77,7 @@ class Candidate:
     image_size: int
     head: str
     cv: CrossValidation | None = None
+    gflops: float | None = None  # one forward pass on one image
     feature_seconds: float = 0.0
     features: dict = field(default_factory=dict)  # from_cache / computed
     skipped: str | None = None
@@ -93,7 +94,8 @@ class Candidate:
         return {"backbone": self.backbone, "image_size": self.image_size, "head": self.head,
                 "cv_accuracy": cv and round(cv.accuracy, 6), "cv_accuracy_se": cv and round(cv.standard_error, 6),
                 "cv_log_loss": cv and round(cv.log_loss, 6), "cv_fold_accuracies": cv and cv.fold_accuracies,
-                "cv_seconds": cv and round(cv.seconds, 3), "feature_seconds": round(self.feature_seconds, 3),
+                "cv_seconds": cv and round(cv.seconds, 3),
+                "gflops": self.gflops and round(self.gflops, 3), "feature_seconds": round(self.feature_seconds, 3),
                 "features": self.features, "skipped": self.skipped}
 
 
@@ -181,7 +183,8 @@ class AutoSearch:
             native = model.backbone.preprocess.input_size
             size = self._sizes[feature_set] = feature_set.size_for(native)
             model.backbone.preprocess = model.backbone.preprocess.with_input_size(size)
-            rows = [Candidate(feature_set.backbone, size, head) for head in self.space.heads]
+            gflops = forward_gflops(model, size)
+            rows = [Candidate(feature_set.backbone, size, head, gflops=gflops) for head in self.space.heads]
             self.candidates += rows
             features = self._extract(feature_set, model, rows)
             if features is None:
@@ -267,13 +270,18 @@ class AutoSearch:
         return finalist
 
     def finetune_choices(self, scored: list[Candidate]) -> list[Candidate]:
-        """The best candidate, and the best one of another feature set if it is within one standard error
-        of it: fine-tuning changes the ranking of close candidates, not of distant ones."""
+        """At most two feature sets to fine-tune, from those whose best head is within one standard error of
+        the best candidate (the one-standard-error rule: statistically tied with it): the cheapest per image
+        first, because under a time limit the first one gets the most epochs and a cheaper model also serves
+        faster; then the best-scoring other one. Fine-tuning changes the ranking of close candidates, not of
+        distant ones."""
         best = scored[0]
-        runner_up = next((c for c in scored[1:] if (c.backbone, c.image_size) != (best.backbone, best.image_size)),
-                         None)
-        close = runner_up is not None and runner_up.cv.accuracy >= best.cv.accuracy - best.cv.standard_error
-        return [best, runner_up] if close else [best]
+        per_set: dict[tuple[str, int], Candidate] = {}
+        for candidate in scored:  # best first, so each feature set keeps its best head
+            per_set.setdefault((candidate.backbone, candidate.image_size), candidate)
+        close = [c for c in per_set.values() if c.cv.accuracy >= best.cv.accuracy - best.cv.standard_error]
+        cheapest = min(close, key=lambda c: c.gflops if c.gflops is not None else math.inf)
+        return [cheapest] + [c for c in close if c is not cheapest][:1]
 
     def finetune(self, candidate: Candidate) -> None:
         """Fine-tune ``candidate`` for as many epochs (up to ``--epochs``) as the time left allows, estimated

@@ -55,6 +55,21 @@ class SearchSpace:
         return cls(sets, heads)
 
 
+def forward_gflops(model, image_size: int) -> float:
+    """GFLOPs of one forward pass of ``model`` on one image (torch's FLOP counter, fp32 on the CPU): a cost
+    that does not depend on what else the machine is doing, or on a warm feature cache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(model.parameters())
+    image = torch.zeros(1, 3, image_size, image_size, device=parameter.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
 def training_speed(model, policy: Policy, batch_size: int, image_size: int) -> tuple[float, float]:
     """Measured (training images/s, inference images/s) of ``model`` with every parameter trainable, on a
     random batch (the second of two timed passes; the first warms up kernels and allocations)."""
