@@ -21,7 +21,8 @@ def candidates_table(record: dict) -> dict:
         loss = None if c["cv_log_loss"] is None else f"{c['cv_log_loss']:.4f}"
         rows.append(_row([_cell(c["backbone"]), _cell(c["image_size"]), _cell(c["head"]),
                           _cell(acc, best is not None and c["cv_accuracy"] == best), _cell(loss),
-                          _cell(c.get("gflops")), _cell(f"{c['feature_seconds']:.1f}"), _cell(c["cv_seconds"] and f"{c['cv_seconds']:.1f}"),
+                          _cell(c.get("gflops")), _cell(f"{c['feature_seconds']:.1f}"),
+                          _cell(c["cv_seconds"] and f"{c['cv_seconds']:.1f}"),
                           _cell(c["skipped"] or "")]))
     columns = ["Backbone", "Input", "Head", f"{record['folds']}-fold CV accuracy ± SE", "CV log-loss",
                "GFLOPs / image", "Features (s)", "CV (s)", "Note"]
