@@ -15,9 +15,10 @@ from safetensors.numpy import load_file
 import transferlab
 from transferlab.auto.ranking import CrossValidation
 from transferlab.auto.search import AutoSearch, Candidate, Finalist
-from transferlab.auto.space import SearchSpace, forward_gflops
+from transferlab.auto.space import FeatureSet, SearchSpace, forward_gflops
 from transferlab.cli import main
 from transferlab.config import TrainConfig
+from transferlab.data.discovery import discover
 from transferlab.data.heldout import AUTO_VAL_SIZE, default_val_size, stratified_folds
 from transferlab.errors import TransferlabError
 from transferlab.io.rundir import RunDir
@@ -192,6 +193,34 @@ def test_fine_tuning_starts_with_the_cheapest_candidate_tied_with_the_best(tmp_p
     cheap_best = [_candidate("lite0", 224, "0", 0.97, 0.8), _candidate("lite2", 352, "0", 0.968, 2.9),
                   _candidate("lite1", 240, "0", 0.966, 1.0)]
     assert search.finetune_choices(cheap_best) == [cheap_best[0], cheap_best[1]]  # then the best-scoring other
+
+
+class _SpentBudget:
+    """A time limit of which ``used`` seconds have passed, whatever the clock says."""
+
+    def __init__(self, seconds: float, used: float):
+        self.seconds, self._used, self.deadline = seconds, used, None
+
+    def used(self) -> float:
+        return self._used
+
+    def left(self) -> float:
+        return self.seconds - self._used
+
+
+@pytest.mark.parametrize(("used", "ranked_sets"), [(10.0, 2), (60.0, 1)])
+def test_ranking_keeps_the_second_half_of_a_time_limit_for_the_finalists(three_class_data, tmp_path, used,
+                                                                         ranked_sets):
+    space = SearchSpace((FeatureSet(TINY["backbone"], image_size=64), FeatureSet(TINY["backbone"], image_size=96)),
+                        ("0",))
+    search = AutoSearch(TrainConfig(data_dir=str(three_class_data), **AUTO, time_limit=100.0), tmp_path / "r",
+                        space=space)
+    search.budget = _SpentBudget(100.0, used)  # 40 s left in both cases: enough for the set and its final run
+    search.splits = discover(three_class_data)
+    search.rank()
+    assert [c.cv is not None for c in search.candidates] == [True, ranked_sets == 2]
+    if ranked_sets == 1:  # the first set is always ranked; past half the limit the next one is not
+        assert "ranking's share (50%" in search.candidates[1].skipped
 
 
 def test_forward_gflops_counts_the_model_at_its_input_size():
