@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, make_class_folders
 from safetensors.numpy import load_file
 
 import transferlab
 from transferlab.auto.ranking import CrossValidation
 from transferlab.auto.search import AutoSearch, Candidate, Finalist
-from transferlab.auto.space import FeatureSet, SearchSpace, forward_gflops
+from transferlab.auto.space import FeatureSet, SearchSpace, forward_gflops, training_speed
 from transferlab.cli import main
 from transferlab.config import TrainConfig
 from transferlab.data.discovery import discover
@@ -230,6 +231,22 @@ def test_forward_gflops_counts_the_model_at_its_input_size():
     small, large = forward_gflops(model, 64), forward_gflops(model, 128)
     assert 0 < small and 3.5 < large / small < 4.5  # convolutions: cost grows with the pixel count
     assert model.training  # the mode is restored
+
+
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+def test_training_speed_probes_the_step_fine_tuning_takes(bn):
+    from transferlab.models.build import ModelSpec, build_model
+    from transferlab.runtime.precision import resolve_policy
+
+    cfg = TrainConfig(data_dir="d", **TINY)
+    model = build_model(ModelSpec.of(cfg), 3, resolve_policy("fp32", "cpu"), seed=0)
+    norm = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    train_ips, eval_ips = training_speed(model, resolve_policy("fp32", "cpu"), 4, 64, bn=bn, passes=1)
+    assert train_ips > 0 and eval_ips > 0
+    # --bn frozen keeps ImageNet statistics during fine-tuning, and so does the probe of its cost
+    assert torch.equal(norm.running_mean, before) == (bn == "frozen")
+    assert not model.training
 
 
 def test_given_options_fix_their_axis_of_the_search():

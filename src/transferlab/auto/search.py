@@ -331,7 +331,8 @@ class AutoSearch:
         seed_everything(self.cfg.seed)
         model = build_model(ModelSpec(candidate.backbone, self.cfg.weights, candidate.image_size, candidate.head,
                                       self.cfg.dropout, self.cfg.pool), len(self.splits.classes), self.policy)
-        train_ips, eval_ips = training_speed(model, self.policy, self.cfg.batch_size, candidate.image_size)
+        train_ips, eval_ips = training_speed(model, self.policy, self.cfg.batch_size, candidate.image_size,
+                                             self.cfg.bn)
         plan = self.plan
         n_val, n_test = len(plan.val or []), len(plan.test)
         per_epoch = AUGMENT_MARGIN * len(plan.train) / train_ips + n_val / eval_ips
