@@ -82,7 +82,10 @@ def training_speed(model, policy: Policy, batch_size: int, image_size: int, bn: 
     params = [p for p in model.parameters() if p.requires_grad]
     seconds = {}
     for mode in ("train", "eval"):
-        strategy.set_train_mode(model) if mode == "train" else model.eval()
+        if mode == "train":
+            strategy.set_train_mode(model)
+        else:
+            model.eval()
         timed = []
         for _ in range(1 + passes):
             started = time.perf_counter()
