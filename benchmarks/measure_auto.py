@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from transferlab.api import run_experiment
 from transferlab.io.rundir import RunDir
 from transferlab.metrics import wilson_interval
 from transferlab.options import parse_duration
+from transferlab.provenance import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -157,8 +157,7 @@ def _grid_seconds(out: Path, name: str) -> str:
 def table(out: Path, names: list[str]) -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_name()
     lines = [f"Machine: {cpu}, torch AVX512-BF16: "
              f"{torch.cpu._is_avx512_bf16_supported()}", "",
              "| dataset | LR probe | freeze | unfreeze | auto (95% CI at the mean) | "

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from transferlab.provenance import cpu_name
 
 PIECES = {
     "baseline": {},
@@ -38,14 +39,7 @@ PIECES = {
 def machine() -> dict:
     import torch
 
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": model, "threads": torch.get_num_threads(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
 
 

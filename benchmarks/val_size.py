@@ -21,7 +21,6 @@ frozen candidates. Features come from the cache the auto runs filled (TRANSFERLA
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from transferlab.data.splits import plan_splits
 from transferlab.features import FeatureCache, FeatureExtractor, cache_root
 from transferlab.models.build import ModelSpec, build_model
 from transferlab.options import DEFAULT_EPOCHS
+from transferlab.provenance import cpu_name
 from transferlab.runtime.precision import resolve_policy
 
 HEADS = ("0", "256")
@@ -111,8 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_name()
     started = time.perf_counter()
     lines = [f"Machine: {cpu}; backbones {args.backbones} x heads {','.join(HEADS)}; seeds {args.seeds}", "",
              "| dataset | val fraction | train images | val images | test acc. of validation's pick | "
